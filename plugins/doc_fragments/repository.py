@@ -1,0 +1,41 @@
+# -*- coding: utf-8 -*-
+# Copyright: snapchain developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+
+class ModuleDocFragment:
+    # Options of modules that write into a per-disk backup repository (a qcow2 chain).
+    DOCUMENTATION = r"""
+options:
+  dir_mode:
+    description:
+      - Mode of directories created in the repository.
+    type: str
+    default: '0700'
+  file_mode:
+    description:
+      - Mode of layer, digest and manifest files written.
+    type: str
+    default: '0600'
+  parallel:
+    description:
+      - Reads (and NBD writes) in flight at once. Memory used is about O(parallel) x 8 MiB.
+    type: int
+    default: 4
+  nbd_cache:
+    description:
+      - Cache mode of the C(qemu-nbd) that writes the new layer. The layer is flushed and
+        fsynced before it is published whatever the mode.
+    type: str
+    choices: [none, writeback, writethrough, directsync, unsafe]
+    default: writeback
+notes:
+  - A repository holds one directory per disk with C(manifest.json), one C(<UTC time>.qcow2) layer per
+    point (each backed by the previous one through a relative path) and C(<layer>.digests). Every point
+    is bootable by plain QEMU and restorable with C(qemu-img convert).
+  - A lock in the disk directory makes a second concurrent run on the same disk fail at once.
+requirements:
+  - qemu-img and qemu-nbd (qemu-utils) and python3-libnbd on the host that writes the repository
+"""

@@ -1,0 +1,921 @@
+# -*- coding: utf-8 -*-
+# Copyright: snapchain developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""The per-disk backup repository: manifest, locking, atomic publish, block digests.
+
+PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
+
+One directory per disk::
+
+    manifest.json              {"format": 1, "block_size": 65536, "points": [...]}, oldest first
+    <name>.qcow2               one layer per point; backing file = the parent's layer (relative name)
+    <name>.digests             per-block digests of the blocks that layer wrote (optional)
+    .lock                      flock()ed for the duration of any write; holds "pid, host, since"
+    .<file>.partial            work in progress; never read, removed by cleanup_partial()
+
+A point name is a UTC stamp (``_naming``: ``20261122T031500Z``), which sorts
+chronologically and can never hold a path separator.  A point with no parent
+starts a new *segment* (a full backup); the following incrementals chain onto
+it through their parents.
+
+Publishing never changes what exists: the new layer is written under a
+dot-prefixed temporary name, checked with ``qemu-img check``, fsynced, renamed
+into place, the directory fsynced, and only then is the manifest replaced
+(temp file, fsync, rename, fsync of the directory).  A run killed at any
+moment leaves at worst ``.partial`` files and an unreferenced layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import errno
+import fcntl
+import functools
+import hashlib
+import itertools
+import json
+import operator
+import os
+import socket
+import stat
+import struct
+import sys
+from array import array
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+    ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._naming import parse_managed
+
+MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+LAYER_SUFFIX = ".qcow2"
+DIGESTS_SUFFIX = ".digests"
+PARTIAL_SUFFIX = ".partial"
+FORMAT = 1
+DEFAULT_BLOCK_SIZE = 65536
+
+# Filled in by the repository; callers cannot set them through publish().
+STRUCTURAL_FIELDS = ("name", "layer", "parent", "segment", "size", "digests", "bad")
+# What a caller reports about the run that made a point, with their defaults.
+RUN_FIELDS = {
+    "created": None,
+    "snapshot": None,
+    "source": {},
+    "bytes_read": 0,
+    "bytes_written": 0,
+    "zero_bytes": 0,
+    "extents": 0,
+    "seconds": 0.0,
+    "extra": {},
+}
+_COUNTERS = ("bytes_read", "bytes_written", "zero_bytes", "extents")
+
+
+def check_point_name(name):
+    """A point name is a bare UTC stamp such as ``20261122T031500Z``; anything else is refused."""
+    if not isinstance(name, str) or parse_managed(name, prefix="") is None:
+        raise InputError("invalid point name %r: expected a UTC stamp like 20261122T031500Z" % (name,))
+    return name
+
+
+def utc_iso(when=None):
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_qcow2_header(path):
+    """``(virtual_size, backing_file_name_or_None)`` straight from a qcow2 header (no qemu-img run)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if len(head) < 32 or head[:4] != b"QFI\xfb":
+                raise RepositoryError("%s is not a qcow2 image (bad header)" % path, path=path)
+            backing_offset, backing_size = struct.unpack(">QI", head[8:20])
+            size = struct.unpack(">Q", head[24:32])[0]
+            backing = None
+            if backing_offset:
+                if backing_size == 0 or backing_size > 1023:
+                    raise RepositoryError("%s has an invalid backing file name length %d" % (path, backing_size),
+                                          path=path)
+                f.seek(backing_offset)
+                raw = f.read(backing_size)
+                if len(raw) != backing_size:
+                    raise RepositoryError("%s: truncated backing file name" % path, path=path)
+                backing = raw.decode("utf-8", "surrogateescape")
+            return size, backing
+    except OSError as exc:
+        raise RepositoryError("cannot read %s: %s" % (path, exc.strerror), path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# Block digests
+
+
+DIGEST_SIZE = 16
+ZERO_DIGEST = bytes(DIGEST_SIZE)  # stands for "this block reads as zeroes", whatever its length
+_DIGESTS_MAGIC = b"SCBDIG\x00\x01"
+_DIGESTS_HEADER = struct.Struct("<8sIIQ")  # magic, block size, digest size, record count
+_RECORD = 8 + DIGEST_SIZE  # u64 little-endian block index + digest
+
+
+@functools.lru_cache(maxsize=8)
+def _zeroes(length):
+    return bytes(length)
+
+
+@functools.lru_cache(maxsize=8)
+def _zero_hash(length):
+    return hashlib.blake2b(_zeroes(length), digest_size=DIGEST_SIZE).digest()
+
+
+def block_digest(data):
+    """16-byte blake2b of a block's bytes, or ZERO_DIGEST when they are all zero."""
+    length = memoryview(data).nbytes
+    if isinstance(data, (bytes, bytearray)):
+        if data == _zeroes(length):
+            return ZERO_DIGEST
+        return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
+    return ZERO_DIGEST if digest == _zero_hash(length) else digest
+
+
+class BlockDigests:
+    """Block index -> 16-byte digest, for one layer (the blocks it wrote) or a whole point.
+
+    Stored densely (16 bytes + 1 byte per block up to the highest index), so a
+    1 TiB disk at 64 KiB blocks costs about 270 MiB in memory whatever the mix.
+
+    File form: header (magic, block size, digest size, count), then ``count``
+    records (u64 LE index, 16-byte digest) in increasing index order, then a
+    16-byte blake2b of everything before it.
+    """
+
+    def __init__(self, block_size=DEFAULT_BLOCK_SIZE):
+        if not isinstance(block_size, int) or block_size < 512 or block_size & (block_size - 1):
+            raise InputError("block size must be a power of two >= 512, not %r" % (block_size,))
+        self.block_size = block_size
+        self._data = bytearray()
+        self._present = bytearray()
+        self._count = 0
+
+    digest = staticmethod(block_digest)
+
+    def blocks(self, size):
+        """How many blocks cover ``size`` bytes."""
+        return -(-size // self.block_size)
+
+    def _reserve(self, blocks):
+        if blocks > len(self._present):
+            grow = max(blocks, 2 * len(self._present), 1024) - len(self._present)
+            self._present.extend(bytes(grow))
+            self._data.extend(bytes(grow * DIGEST_SIZE))
+
+    def __setitem__(self, index, digest):
+        if not isinstance(index, int) or index < 0:
+            raise ValueError("block index must be an int >= 0, not %r" % (index,))
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError("a block digest is %d bytes, not %d" % (DIGEST_SIZE, len(digest)))
+        self._reserve(index + 1)
+        self._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
+        if not self._present[index]:
+            self._present[index] = 1
+            self._count += 1
+
+    def add(self, index, data):
+        """Record the digest of ``data`` (the block's bytes) for ``index``; returns the digest."""
+        digest = block_digest(data)
+        self[index] = digest
+        return digest
+
+    def __getitem__(self, index):
+        if not self.__contains__(index):
+            raise KeyError(index)
+        return bytes(self._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+
+    def get(self, index, default=None):
+        return self[index] if index in self else default
+
+    def __contains__(self, index):
+        return isinstance(index, int) and 0 <= index < len(self._present) and self._present[index] == 1
+
+    def __len__(self):
+        return self._count
+
+    def last(self):
+        """The highest block index present, or -1."""
+        return self._present.rfind(1)
+
+    def __iter__(self):
+        return itertools.compress(range(len(self._present)), self._present)
+
+    def items(self):
+        for index in self:
+            yield index, bytes(self._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+
+    def __eq__(self, other):
+        if not isinstance(other, BlockDigests):
+            return NotImplemented
+        return self.block_size == other.block_size and list(self.items()) == list(other.items())
+
+    def _runs(self):
+        """(start, end) of each run of present blocks."""
+        present = self._present
+        start = present.find(1)
+        while start != -1:
+            end = present.find(0, start)
+            if end == -1:
+                end = len(present)
+            yield start, end
+            start = present.find(1, end)
+
+    def update(self, other):
+        """Overlay ``other`` (a newer layer): its blocks win."""
+        if other.block_size != self.block_size:
+            raise RepositoryError("cannot merge digests of %d-byte blocks into %d-byte blocks"
+                                  % (other.block_size, self.block_size))
+        for start, end in other._runs():
+            self._reserve(end)
+            self._present[start:end] = other._present[start:end]
+            self._data[start * DIGEST_SIZE:end * DIGEST_SIZE] = other._data[start * DIGEST_SIZE:end * DIGEST_SIZE]
+        self._count = self._present.count(1)
+        return self
+
+    def truncate(self, blocks):
+        """Forget every block at or past index ``blocks``."""
+        if blocks < len(self._present):
+            del self._present[blocks:]
+            del self._data[blocks * DIGEST_SIZE:]
+            self._count = self._present.count(1)
+        return self
+
+    @classmethod
+    def merged(cls, layers, size=None, block_size=None):
+        """What a point reads as, from its layers' digests OLDEST FIRST (newest wins).
+
+        With ``size`` every block of the disk is present: blocks no layer wrote
+        read as zeroes (ZERO_DIGEST), blocks past the end are dropped.
+        """
+        layers = list(layers)
+        if block_size is None:
+            if not layers:
+                raise InputError("merged() needs a block size or at least one layer")
+            block_size = layers[0].block_size
+        out = cls(block_size)
+        if size is not None:
+            blocks = out.blocks(size)
+            out._present = bytearray(b"\x01") * blocks
+            out._data = bytearray(blocks * DIGEST_SIZE)
+            out._count = blocks
+        for layer in layers:
+            out.update(layer)
+        if size is not None:
+            out.truncate(out.blocks(size))
+        return out
+
+    def to_bytes(self):
+        indexes = array("Q", self)
+        if indexes.itemsize != 8:
+            raise RepositoryError("this Python has no 64-bit array type")
+        digests = b"".join(self._data[s * DIGEST_SIZE:e * DIGEST_SIZE] for s, e in self._runs())
+        if sys.byteorder != "little":
+            indexes.byteswap()
+        count = len(indexes)
+        body = bytearray(count * _RECORD)
+        raw = indexes.tobytes()
+        for k in range(8):
+            body[k::_RECORD] = raw[k::8]
+        for k in range(DIGEST_SIZE):
+            body[8 + k::_RECORD] = digests[k::DIGEST_SIZE]
+        head = _DIGESTS_HEADER.pack(_DIGESTS_MAGIC, self.block_size, DIGEST_SIZE, count)
+        check = hashlib.blake2b(head, digest_size=16)
+        check.update(body)
+        return head + bytes(body) + check.digest()
+
+    @classmethod
+    def from_bytes(cls, data, source="digests"):
+        head_size = _DIGESTS_HEADER.size
+        if len(data) < head_size + 16:
+            raise RepositoryError("%s: too short for a digests file" % source)
+        magic, block_size, digest_size, count = _DIGESTS_HEADER.unpack_from(data)
+        if magic != _DIGESTS_MAGIC:
+            raise RepositoryError("%s is not a snapchain digests file (bad magic)" % source)
+        if digest_size != DIGEST_SIZE:
+            raise RepositoryError("%s holds %d-byte digests, expected %d" % (source, digest_size, DIGEST_SIZE))
+        if len(data) != head_size + count * _RECORD + 16:
+            raise RepositoryError("%s: size %d does not match its %d records (truncated?)" % (source, len(data), count))
+        check = hashlib.blake2b(data[:-16], digest_size=16).digest()
+        if check != bytes(data[-16:]):
+            raise RepositoryError("%s: checksum mismatch (corrupted)" % source)
+        try:
+            out = cls(block_size)
+        except InputError as exc:
+            raise RepositoryError("%s: %s" % (source, exc.msg))
+        body = memoryview(data)[head_size:head_size + count * _RECORD]
+        raw = bytearray(count * 8)
+        digests = bytearray(count * DIGEST_SIZE)
+        for k in range(8):
+            raw[k::8] = body[k::_RECORD]
+        for k in range(DIGEST_SIZE):
+            digests[k::DIGEST_SIZE] = body[8 + k::_RECORD]
+        indexes = array("Q")
+        indexes.frombytes(bytes(raw))
+        if sys.byteorder != "little":
+            indexes.byteswap()
+        if count and not all(map(operator.lt, indexes, itertools.islice(indexes, 1, None))):
+            raise RepositoryError("%s: block indexes are not strictly increasing" % source)
+        if count:
+            first, last = indexes[0], indexes[-1]
+            out._reserve(last + 1)
+            if last - first == count - 1:
+                out._present[first:last + 1] = b"\x01" * count
+                out._data[first * DIGEST_SIZE:(last + 1) * DIGEST_SIZE] = digests
+            else:
+                for j, index in enumerate(indexes):
+                    out._present[index] = 1
+                    out._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = \
+                        digests[j * DIGEST_SIZE:(j + 1) * DIGEST_SIZE]
+        out._count = count
+        return out
+
+    def save(self, path, mode=0o600):
+        _write_file(path, self.to_bytes(), mode)
+
+    @classmethod
+    def load(cls, path):
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise RepositoryError("cannot read digests %s: %s" % (path, exc.strerror), path=path)
+        return cls.from_bytes(data, source=path)
+
+
+def _write_file(path, data, mode):
+    """Write and fsync ``path`` (created with exactly ``mode``; replaced if it exists)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# The repository
+
+
+class Pending:
+    """A point being written: serve ``path`` (the temporary layer) to fill it.
+
+    As a context manager it aborts (removes its temporary files) unless published.
+    """
+
+    def __init__(self, repo, name, size, parent, segment):
+        self.repo = repo
+        self.name = name
+        self.size = size
+        self.parent = parent
+        self.segment = segment
+        self.layer = name + LAYER_SUFFIX
+        self.path = repo.path("." + self.layer + PARTIAL_SUFFIX)
+        self.final_path = repo.path(self.layer)
+        self.digests_temp = repo.path("." + name + DIGESTS_SUFFIX + PARTIAL_SUFFIX)
+        self.state = "open"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.state == "open":
+            self.repo.abort(self)
+
+    def __repr__(self):
+        return "Pending(%r, parent=%r, state=%s)" % (self.name, self.parent, self.state)
+
+
+class Repository:
+    """The backup points of ONE disk in ``disk_dir``."""
+
+    def __init__(self, disk_dir, dir_mode=0o700, file_mode=0o600, block_size=DEFAULT_BLOCK_SIZE):
+        if not disk_dir:
+            raise InputError("a repository needs a directory")
+        self.disk_dir = os.path.abspath(disk_dir)
+        self.dir_mode = dir_mode
+        self.file_mode = file_mode
+        self.new_block_size = block_size  # used only when this creates the manifest
+        BlockDigests(block_size)  # validates it
+        self._manifest = None
+        self._lock_fd = None
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path(self, filename):
+        """Absolute path of a file directly inside the disk directory (never elsewhere)."""
+        if (not isinstance(filename, str) or not filename or filename in (".", "..") or "/" in filename
+                or "\0" in filename):
+            raise InputError("invalid file name %r in repository %s" % (filename, self.disk_dir))
+        return os.path.join(self.disk_dir, filename)
+
+    def layer_path(self, name):
+        return self.path(check_point_name(name) + LAYER_SUFFIX)
+
+    def digests_path(self, name):
+        return self.path(check_point_name(name) + DIGESTS_SUFFIX)
+
+    @property
+    def manifest_path(self):
+        return self.path(MANIFEST)
+
+    def ensure_dir(self):
+        """Create the disk directory (and missing parents) with ``dir_mode``."""
+        missing = []
+        path = self.disk_dir
+        while not os.path.isdir(path):
+            missing.append(path)
+            parent = os.path.dirname(path)
+            if parent == path:
+                break
+            path = parent
+        for path in reversed(missing):
+            try:
+                os.mkdir(path, self.dir_mode)
+                os.chmod(path, self.dir_mode)
+                fsync_dir(os.path.dirname(path))
+            except FileExistsError:
+                if not os.path.isdir(path):
+                    raise RepositoryError("%s exists and is not a directory" % path, path=path)
+            except OSError as exc:
+                raise RepositoryError("cannot create %s: %s" % (path, exc.strerror), path=path)
+
+    # -- locking -------------------------------------------------------------------------------
+    @property
+    def locked(self):
+        return self._lock_fd is not None
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold ``<disk_dir>/.lock`` exclusively, or fail at once with LockedError.
+
+        The lock is released by the kernel when this process dies, whatever kills it.
+        """
+        if self._lock_fd is not None:
+            raise RepositoryError("repository %s is already locked by this run" % self.disk_dir)
+        self.ensure_dir()
+        path = self.path(LOCK_FILE)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         self.file_mode)
+        except OSError as exc:
+            raise RepositoryError("cannot open lock file %s: %s" % (path, exc.strerror), path=path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise LockedError("another run holds %s (%s)" % (self.disk_dir, _describe_holder(holder)),
+                                  path=self.disk_dir, holder=holder)
+            raise RepositoryError("cannot lock %s: %s" % (path, exc.strerror), path=path)
+        try:
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_iso()}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+        except OSError:
+            pass  # the flock is what matters; the text is only for the message
+        self._lock_fd = fd
+        self._manifest = None  # re-read under the lock
+        try:
+            yield self
+        finally:
+            self._lock_fd = None
+            try:
+                os.ftruncate(fd, 0)
+            except OSError:
+                pass
+            os.close(fd)  # releases the flock
+
+    def _require_lock(self, what):
+        if self._lock_fd is None:
+            raise RepositoryError("%s in %s needs the repository lock (use Repository.lock())" % (what, self.disk_dir))
+
+    # -- manifest ------------------------------------------------------------------------------
+    def load(self, verify=True):
+        """Read and validate ``manifest.json`` (an absent one is an empty repository).
+
+        ``verify`` also checks each point against its files: the layer exists and
+        its qcow2 header has the point's size and its parent's layer as backing
+        file, and a referenced digests file exists.
+        """
+        path = self.manifest_path
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            self._manifest = {"format": FORMAT, "block_size": self.new_block_size, "points": []}
+            return self
+        except OSError as exc:
+            raise RepositoryError("cannot read %s: %s" % (path, exc.strerror), path=path)
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+        except ValueError as exc:
+            raise RepositoryError("%s is not valid JSON: %s" % (path, exc), path=path)
+        self._manifest = self._validate(doc, verify)
+        return self
+
+    def _manifest_doc(self):
+        if self._manifest is None:
+            self.load()
+        return self._manifest
+
+    def _validate(self, doc, verify):
+        path = self.manifest_path
+
+        def bad(msg):
+            return RepositoryError("%s: %s" % (path, msg), path=path)
+
+        if not isinstance(doc, dict):
+            raise bad("not a JSON object")
+        if doc.get("format") != FORMAT:
+            raise bad("unsupported manifest format %r (this version reads format %d)" % (doc.get("format"), FORMAT))
+        block_size = doc.get("block_size")
+        try:
+            BlockDigests(block_size)
+        except InputError:
+            raise bad("invalid block_size %r" % (block_size,))
+        points = doc.get("points")
+        if not isinstance(points, list):
+            raise bad("'points' must be a list")
+        by_name = {}
+        previous = None
+        for i, point in enumerate(points):
+            where = "point #%d" % i
+            if not isinstance(point, dict):
+                raise bad("%s is not an object" % where)
+            name = point.get("name")
+            try:
+                check_point_name(name)
+            except InputError as exc:
+                raise bad("%s: %s" % (where, exc.msg))
+            where = "point %s" % name
+            if name in by_name:
+                raise bad("%s appears twice" % where)
+            if previous is not None and name <= previous["name"]:
+                raise bad("%s is out of order (after %s)" % (where, previous["name"]))
+            if point.get("layer") != name + LAYER_SUFFIX:
+                raise bad("%s: layer must be %r, not %r" % (where, name + LAYER_SUFFIX, point.get("layer")))
+            if point.get("digests") not in (None, name + DIGESTS_SUFFIX):
+                raise bad("%s: digests must be null or %r, not %r"
+                          % (where, name + DIGESTS_SUFFIX, point.get("digests")))
+            size, segment, parent = point.get("size"), point.get("segment"), point.get("parent")
+            if not _is_int(size) or size <= 0:
+                raise bad("%s: invalid size %r" % (where, size))
+            if not _is_int(segment) or segment < 1:
+                raise bad("%s: invalid segment %r" % (where, segment))
+            if parent is None:
+                if previous is not None and segment <= previous["segment"]:
+                    raise bad("%s starts a segment but its number %d is not above %d"
+                              % (where, segment, previous["segment"]))
+            else:
+                if parent not in by_name:
+                    raise bad("%s: parent %r is not an earlier point" % (where, parent))
+                if by_name[parent]["segment"] != segment:
+                    raise bad("%s: segment %r differs from its parent's %r"
+                              % (where, segment, by_name[parent]["segment"]))
+                if previous is not None and segment < previous["segment"]:
+                    raise bad("%s: segment %r goes backwards" % (where, segment))
+            if not isinstance(point.get("bad", False), bool):
+                raise bad("%s: 'bad' must be true or false" % where)
+            for key in _COUNTERS:
+                if not _is_int(point.get(key, 0)) or point.get(key, 0) < 0:
+                    raise bad("%s: %s must be an integer >= 0" % (where, key))
+            for key in ("source", "extra"):
+                if not isinstance(point.get(key, {}), dict):
+                    raise bad("%s: %s must be an object" % (where, key))
+            if verify:
+                self._verify_files(point, by_name.get(parent))
+            by_name[name] = point
+            previous = point
+        return doc
+
+    def _verify_files(self, point, parent):
+        name = point["name"]
+        layer = self.path(point["layer"])
+        if not os.path.isfile(layer):
+            raise RepositoryError("point %s: its layer %s is missing" % (name, layer), path=layer)
+        size, backing = read_qcow2_header(layer)
+        if size != point["size"]:
+            raise RepositoryError("point %s: manifest says %d bytes but %s is %d" % (name, point["size"], layer, size),
+                                  path=layer)
+        expected = parent["layer"] if parent else None
+        if backing != expected:
+            raise RepositoryError("point %s: manifest says parent %s but %s has backing file %r"
+                                  % (name, parent and parent["name"], layer, backing), path=layer)
+        if point.get("digests") and not os.path.isfile(self.path(point["digests"])):
+            raise RepositoryError("point %s: its digests file %s is missing" % (name, point["digests"]),
+                                  path=self.path(point["digests"]))
+
+    @property
+    def block_size(self):
+        return self._manifest_doc()["block_size"]
+
+    def points(self):
+        """Every point, oldest first (copies: changing them changes nothing)."""
+        return copy.deepcopy(self._manifest_doc()["points"])
+
+    def names(self):
+        return [p["name"] for p in self._manifest_doc()["points"]]
+
+    def latest(self, skip_bad=False):
+        """The newest point (the newest not marked bad with ``skip_bad``), or None."""
+        for point in reversed(self._manifest_doc()["points"]):
+            if not (skip_bad and point.get("bad")):
+                return copy.deepcopy(point)
+        return None
+
+    def get(self, name):
+        for point in self._manifest_doc()["points"]:
+            if point["name"] == name:
+                return copy.deepcopy(point)
+        raise NotFoundError("no point %r in %s" % (name, self.disk_dir), point=name)
+
+    def chain(self, name=None):
+        """The points a point reads through: its segment's base first, the point itself last."""
+        by_name = dict((p["name"], p) for p in self._manifest_doc()["points"])
+        point = self.get(name) if name is not None else self.latest()
+        if point is None:
+            raise NotFoundError("repository %s has no points" % self.disk_dir)
+        out = [point]
+        while out[-1]["parent"] is not None:
+            out.append(copy.deepcopy(by_name[out[-1]["parent"]]))
+        out.reverse()
+        return out
+
+    def save(self, points=None):
+        """Replace manifest.json atomically (temp file, fsync, rename, fsync directory).
+
+        ``points`` (a full new list, e.g. after retention merged layers) replaces
+        the current ones; it is validated against the files first.
+        """
+        self._require_lock("saving the manifest")
+        doc = dict(self._manifest_doc())
+        if points is not None:
+            doc["points"] = copy.deepcopy(list(points))
+        doc = self._validate(doc, verify=points is not None)
+        self._commit_manifest(doc)
+        self._manifest = doc
+
+    def _commit_manifest(self, doc):
+        data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+        temp = self.path("." + MANIFEST + PARTIAL_SUFFIX)
+        _write_file(temp, data, self.file_mode)
+        os.rename(temp, self.manifest_path)
+        fsync_dir(self.disk_dir)
+
+    def mark_bad(self, name, bad=True, reason=None):
+        """Flag a point that failed verification (nothing chains onto a bad point)."""
+        self._require_lock("marking a point bad")
+        doc = copy.deepcopy(self._manifest_doc())
+        for point in doc["points"]:
+            if point["name"] == name:
+                point["bad"] = bool(bad)
+                if reason is not None:
+                    point.setdefault("extra", {})["bad_reason"] = reason
+                break
+        else:
+            raise NotFoundError("no point %r in %s" % (name, self.disk_dir), point=name)
+        self._commit_manifest(doc)
+        self._manifest = doc
+
+    # -- writing a point -----------------------------------------------------------------------
+    def begin_point(self, name, size, parent=None):
+        """Create the temporary layer of a new point; fill it, then ``publish`` or ``abort``.
+
+        ``parent`` (a point name) makes an incremental whose backing file is the
+        parent's layer; without it the point starts a new segment (a full).
+        """
+        self._require_lock("starting a point")
+        check_point_name(name)
+        if not _is_int(size) or size <= 0 or size % 512:
+            raise InputError("point size must be a positive multiple of 512 bytes, not %r" % (size,))
+        doc = self._manifest_doc()
+        points = doc["points"]
+        if any(p["name"] == name for p in points):
+            raise ConflictError("point %s already exists in %s" % (name, self.disk_dir), point=name)
+        if points and name <= points[-1]["name"]:
+            raise ConflictError("point %s would not be the newest in %s (latest is %s)"
+                                % (name, self.disk_dir, points[-1]["name"]), point=name)
+        if parent is None:
+            segment = (points[-1]["segment"] + 1) if points else 1
+            backing = None
+        else:
+            base = self.get(parent)
+            if base.get("bad"):
+                raise ConflictError("point %s is marked bad: nothing may chain onto it" % parent, point=parent)
+            if base["segment"] != points[-1]["segment"]:
+                raise ConflictError("point %s belongs to an older segment than the latest point %s; start a new "
+                                    "segment (no parent) instead" % (parent, points[-1]["name"]), point=parent)
+            segment = base["segment"]
+            backing = base["layer"]
+        pending = Pending(self, name, size, parent, segment)
+        for path in (pending.final_path, self.digests_path(name)):
+            if os.path.lexists(path):
+                raise ConflictError("%s already exists but is no point of the manifest (left by an interrupted run?);"
+                                    " choose another name" % path, path=path)
+        self._remove(pending.path)
+        self._remove(pending.digests_temp)
+        _qemu_img.create(pending.path, size, backing=backing, backing_fmt="qcow2")
+        os.chmod(pending.path, self.file_mode)
+        return pending
+
+    def publish(self, pending, point_fields=None, digests=None):
+        """Check, fsync and rename the temporary layer into place, then record the point.
+
+        The serving qemu-nbd must have been stopped (flushed) before this.  On
+        failure nothing existing is changed and the temporary files stay until
+        ``abort`` (or the Pending context) removes them.  Returns the new point.
+        """
+        self._require_lock("publishing a point")
+        if pending.repo is not self or pending.state != "open":
+            raise RepositoryError("%r cannot be published (%s)" % (pending, pending.state))
+        fields = dict(point_fields or {})
+        unknown = sorted(set(fields) - set(RUN_FIELDS))
+        if unknown:
+            raise InputError("publish() does not accept %s (set by the repository or unknown)" % ", ".join(unknown))
+        doc = self._manifest_doc()
+        if digests is not None:
+            if digests.block_size != doc["block_size"]:
+                raise InputError("digests use %d-byte blocks but the repository uses %d"
+                                 % (digests.block_size, doc["block_size"]))
+            if digests.last() >= digests.blocks(pending.size):
+                raise InputError("digests hold block %d, past the end of a %d-byte disk"
+                                 % (digests.last(), pending.size))
+        parent = self.get(pending.parent) if pending.parent else None
+
+        _qemu_img.check(pending.path)
+        size, backing = read_qcow2_header(pending.path)
+        if size != pending.size or backing != (parent["layer"] if parent else None):
+            raise RepositoryError("%s changed under us: size %d, backing %r (expected %d, %r)"
+                                  % (pending.path, size, backing, pending.size, parent and parent["layer"]),
+                                  path=pending.path)
+        fsync_file(pending.path)
+
+        point = dict((k, copy.deepcopy(v)) for k, v in RUN_FIELDS.items())
+        point.update(copy.deepcopy(fields))
+        point.update(name=pending.name, layer=pending.layer, parent=pending.parent, segment=pending.segment,
+                     size=pending.size, digests=None, bad=False)
+        if not point["created"]:
+            point["created"] = utc_iso()
+        digests_path = self.digests_path(pending.name)
+        if digests is not None:
+            point["digests"] = pending.name + DIGESTS_SUFFIX
+        new_doc = dict(doc)
+        new_doc["points"] = list(doc["points"]) + [point]
+        self._validate(new_doc, verify=False)  # JSON-able and consistent before anything moves
+        data = json.dumps(new_doc, indent=2)
+
+        for path in (pending.final_path, digests_path):
+            if os.path.lexists(path):
+                raise ConflictError("%s appeared while the point was written" % path, path=path)
+        renamed = []
+        try:
+            if digests is not None:
+                _write_file(pending.digests_temp, digests.to_bytes(), self.file_mode)
+                os.rename(pending.digests_temp, digests_path)
+                renamed.append((digests_path, pending.digests_temp))
+            os.rename(pending.path, pending.final_path)
+            renamed.append((pending.final_path, pending.path))
+            fsync_dir(self.disk_dir)
+            temp = self.path("." + MANIFEST + PARTIAL_SUFFIX)
+            _write_file(temp, (data + "\n").encode("utf-8"), self.file_mode)
+            os.rename(temp, self.manifest_path)
+        except BaseException:
+            # The manifest was not replaced: move what we renamed back to its temporary
+            # name, so no unreferenced layer is left and publish() may be retried.
+            for final, temp in reversed(renamed):
+                try:
+                    os.rename(final, temp)
+                except OSError:
+                    self._remove(final)
+            raise
+        self._manifest = new_doc
+        pending.state = "published"
+        fsync_dir(self.disk_dir)
+        return copy.deepcopy(point)
+
+    def abort(self, pending):
+        """Remove a pending point's temporary files."""
+        if pending.state == "open":
+            self._remove(pending.path)
+            self._remove(pending.digests_temp)
+            pending.state = "aborted"
+
+    def cleanup_partial(self):
+        """Remove ``.*.partial`` files left by interrupted runs (needs the lock); returns their names."""
+        self._require_lock("cleaning up partial files")
+        removed = []
+        for entry in sorted(os.listdir(self.disk_dir)):
+            if entry.startswith(".") and entry.endswith(PARTIAL_SUFFIX):
+                path = self.path(entry)
+                if stat.S_ISREG(os.lstat(path).st_mode) or os.path.islink(path):
+                    self._remove(path)
+                    removed.append(entry)
+        if removed:
+            fsync_dir(self.disk_dir)
+        return removed
+
+    def orphans(self):
+        """Layer and digests files no point refers to (a run killed between rename and manifest)."""
+        known = set()
+        for point in self._manifest_doc()["points"]:
+            known.add(point["layer"])
+            if point.get("digests"):
+                known.add(point["digests"])
+        out = []
+        for entry in sorted(os.listdir(self.disk_dir)) if os.path.isdir(self.disk_dir) else []:
+            for suffix in (LAYER_SUFFIX, DIGESTS_SUFFIX):
+                if entry.endswith(suffix) and parse_managed(entry[:-len(suffix)], prefix="") and entry not in known:
+                    out.append(entry)
+        return out
+
+    # -- digests -------------------------------------------------------------------------------
+    def load_digests(self, name):
+        """The digests a point's layer wrote, or None when it has none."""
+        point = self.get(name)
+        if not point.get("digests"):
+            return None
+        digests = BlockDigests.load(self.path(point["digests"]))
+        if digests.block_size != self.block_size:
+            raise RepositoryError("%s uses %d-byte blocks, the manifest says %d"
+                                  % (point["digests"], digests.block_size, self.block_size))
+        return digests
+
+    def effective_digests(self, name=None):
+        """What every block of a point reads as: its chain's digests merged, newest wins.
+
+        Blocks no layer of the chain wrote read as zeroes (ZERO_DIGEST).  Raises
+        RepositoryError if a layer of the chain has no digests.
+        """
+        chain = self.chain(name)
+        layers = []
+        for point in chain:
+            digests = self.load_digests(point["name"])
+            if digests is None:
+                raise RepositoryError("point %s has no block digests: the digests of %s are incomplete"
+                                      % (point["name"], chain[-1]["name"]), point=point["name"])
+            layers.append(digests)
+        return BlockDigests.merged(layers, size=chain[-1]["size"], block_size=self.block_size)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _remove(path):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_holder(fd):
+    try:
+        raw = os.pread(fd, 4096, 0)
+        holder = json.loads(raw.decode("utf-8"))
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(holder):
+    if not holder.get("pid"):
+        return "holder unknown"
+    text = "pid %s" % holder["pid"]
+    if holder.get("host"):
+        text += " on %s" % holder["host"]
+    if holder.get("since"):
+        text += " since %s" % holder["since"]
+    return text

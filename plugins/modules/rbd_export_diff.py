@@ -1,0 +1,219 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: snapchain developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: rbd_export_diff
+short_description: Back up an RBD snapshot as a new qcow2 layer of a chain, or as an rbd diff v1 file
+version_added: 0.1.0
+description:
+  - With O(chain), appends one backup point to the disk's repository directory. The extents that
+    changed since the last point's snapshot are read from librbd in parallel and written straight
+    into a new qcow2 layer served by C(qemu-nbd) (no intermediate file). Discarded and all-zero
+    extents become NBD write-zeroes. The layer is checked, fsynced and renamed into place before the
+    manifest records it; only then are older managed snapshots removed (the new one is kept as the
+    next diff base).
+  - Before an incremental, the last point's snapshot must still exist in Ceph with the same id;
+    otherwise a full backup starts a new segment of the chain and RV(full_reason) says why.
+  - With O(dest), writes the C(rbd diff v1) stream from O(from_snapshot) (absent means since the image
+    was created) to O(snapshot), the format C(rbd import-diff) reads.
+author:
+  - snapchain developers (@snapchain)
+extends_documentation_fragment:
+  - snapchain.vmbackup.ceph
+  - snapchain.vmbackup.repository
+attributes:
+  check_mode:
+    support: full
+    description: Reports whether the backup would be full or incremental and why, writing nothing.
+  diff_mode:
+    support: none
+    description: A backup has no meaningful before/after text; see the returned counters.
+options:
+  pool:
+    description: The pool holding the image.
+    type: str
+    required: true
+  namespace:
+    description: The RBD namespace inside O(pool), if any.
+    type: str
+  image:
+    description: The image name.
+    type: str
+    required: true
+  snapshot:
+    description:
+      - The snapshot to back up (for example one taken by M(snapchain.vmbackup.rbd_snapshot) while the
+        guest was frozen).
+      - Required with O(dest). With O(chain), when omitted, a managed snapshot is taken now and removed
+        again if the backup fails.
+    type: str
+  from_snapshot:
+    description:
+      - With O(dest), the start of the diff; omit for a full stream.
+      - With O(chain), the base is the last point's snapshot; giving another name here forces a full
+        backup (with the reason in RV(full_reason)).
+    type: str
+  chain:
+    description: The repository directory of this disk (created with O(dir_mode) if missing).
+    type: path
+  dest:
+    description: The file to write the C(rbd diff v1) stream to (written under a temporary name, then renamed).
+    type: path
+  force:
+    description: With O(dest), replace an existing file.
+    type: bool
+    default: false
+  force_full:
+    description: With O(chain), take a full backup (a new segment) even when an incremental is possible.
+    type: bool
+    default: false
+  prefix:
+    description: Prefix of managed snapshot names.
+    type: str
+    default: snapchain-
+  prune_snapshots:
+    description:
+      - With O(chain), after the point is published remove every other managed snapshot of the image
+        (snapshots left by interrupted runs included). Snapshots with clones are kept.
+    type: bool
+    default: true
+  granularity:
+    description:
+      - How changed extents are found. V(object) reads whole changed 4 MiB objects (fast-diff);
+        V(exact) asks librbd for exact extents; V(auto) uses objects for a full backup and, for an
+        incremental, exact extents inside the objects fast-diff reports as changed.
+    type: str
+    choices: [auto, exact, object]
+    default: auto
+notes:
+  - Runs on the host that holds the repository and reaches the cluster; use the restricted cephx user.
+"""
+
+EXAMPLES = r"""
+- name: Back up a disk into its chain (takes and rotates a managed snapshot)
+  snapchain.vmbackup.rbd_export_diff:
+    pool: rbd
+    image: vm1-disk0
+    chain: /backup/ceph/rbd/vm1-disk0
+    ceph_client: backup
+    keyring: /etc/ceph/ceph.client.backup.keyring
+    parallel: 8
+  register: backup
+
+- name: Export an incremental diff file for rbd import-diff
+  snapchain.vmbackup.rbd_export_diff:
+    pool: rbd
+    image: vm1-disk0
+    snapshot: v2
+    from_snapshot: v1
+    dest: /backup/diffs/vm1-disk0_v1_v2.rbddiff
+"""
+
+RETURN = r"""
+full:
+  description: Whether this was a full backup (a new chain segment, or a diff from the image's creation).
+  returned: always
+  type: bool
+full_reason:
+  description: Why a chain backup was full (first backup, base snapshot gone, forced...); null for incrementals.
+  returned: when O(chain) is used
+  type: str
+snapshot:
+  description: The snapshot that was backed up.
+  returned: always
+  type: str
+from_snapshot:
+  description: The snapshot the diff started from; null for a full backup.
+  returned: always
+  type: str
+point:
+  description: The manifest entry of the new point (name, layer, parent, segment, size, counters...).
+  returned: when O(chain) is used and not in check mode
+  type: dict
+removed_snapshots:
+  description: Managed snapshots removed after the point was published.
+  returned: when O(chain) is used
+  type: list
+  elements: str
+cleaned_partial:
+  description: Temporary files of interrupted runs that were removed from the disk directory.
+  returned: when O(chain) is used
+  type: list
+  elements: str
+bytes_read:
+  description: Bytes read from the cluster.
+  returned: success, not in check mode
+  type: int
+bytes_written:
+  description: Data bytes written (zero extents excluded).
+  returned: success, not in check mode
+  type: int
+zero_bytes:
+  description: Bytes written as zeroes (write-zeroes or C(z) records).
+  returned: success, not in check mode
+  type: int
+extents:
+  description: Number of write/zero operations.
+  returned: success, not in check mode
+  type: int
+seconds:
+  description: Duration of the transfer.
+  returned: success, not in check mode
+  type: float
+mb_per_s:
+  description: Read throughput in MB/s (10^6 bytes).
+  returned: success, not in check mode
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_backup import backup_to_chain, export_diff_file
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=ceph_argument_spec(
+            pool=dict(type="str", required=True),
+            namespace=dict(type="str"),
+            image=dict(type="str", required=True),
+            snapshot=dict(type="str"),
+            from_snapshot=dict(type="str"),
+            chain=dict(type="path"),
+            dest=dict(type="path"),
+            force=dict(type="bool", default=False),
+            force_full=dict(type="bool", default=False),
+            prefix=dict(type="str", default="snapchain-"),
+            prune_snapshots=dict(type="bool", default=True),
+            granularity=dict(type="str", choices=["auto", "exact", "object"], default="auto"),
+            dir_mode=dict(type="str", default="0700"),
+            file_mode=dict(type="str", default="0600"),
+            parallel=dict(type="int", default=4),
+            nbd_cache=dict(type="str", choices=["none", "writeback", "writethrough", "directsync", "unsafe"],
+                           default="writeback"),
+        ),
+        mutually_exclusive=[("chain", "dest")],
+        required_one_of=[("chain", "dest")],
+        supports_check_mode=True,
+    )
+    if not _rbd.HAS_RBD:
+        module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
+    try:
+        if module.params["chain"]:
+            result = backup_to_chain(module.params, check_mode=module.check_mode)
+        else:
+            result = export_diff_file(module.params, check_mode=module.check_mode)
+    except SnapchainError as exc:
+        module.fail_json(**exc.to_result())
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

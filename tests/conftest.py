@@ -1,0 +1,18 @@
+"""Make the collection importable as ansible_collections.snapchain.vmbackup for every test."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLLECTIONS = os.path.join(ROOT, "build", "collections")
+LINK = os.path.join(COLLECTIONS, "ansible_collections", "snapchain", "vmbackup")
+
+if not os.path.exists(LINK):
+    os.makedirs(os.path.dirname(LINK), exist_ok=True)
+    try:
+        os.symlink(ROOT, LINK)
+    except FileExistsError:
+        pass
+if COLLECTIONS not in sys.path:
+    sys.path.insert(0, COLLECTIONS)
+os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", COLLECTIONS)
