@@ -1,0 +1,112 @@
+import io
+import threading
+
+import pytest
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import ZERO_DIGEST, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, DiffWriter
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
+    DiffStreamSink, align_to_blocks, copy_extents)
+
+K = 1024
+B = 64 * K
+
+
+class MemSource:
+    def __init__(self, data):
+        self.data = bytes(data)
+        self.size = len(data)
+        self.reads = []
+        self.lock = threading.Lock()
+
+    def read(self, offset, length):
+        with self.lock:
+            self.reads.append((offset, length))
+        return self.data[offset:offset + length]
+
+
+class MemSink:
+    ordered = False
+
+    def __init__(self, base):
+        self.buf = bytearray(base)
+        self.zeroed = []
+        self.lock = threading.Lock()
+
+    def write(self, offset, data):
+        with self.lock:
+            self.buf[offset:offset + len(data)] = data
+
+    def zero(self, offset, length):
+        with self.lock:
+            self.buf[offset:offset + length] = bytes(length)
+            self.zeroed.append((offset, length))
+
+
+def test_align_widens_data_and_keeps_whole_zero_blocks():
+    size = 10 * B + 100
+    exts = [Extent(5, 10), Extent(3 * B, 2 * B, ZERO), Extent(3 * B + 7, 1), Extent(6 * B + 1, B, ZERO),
+            Extent(10 * B + 50, 10)]
+    out = align_to_blocks(exts, B, size)
+    assert out == [Extent(0, B, DATA), Extent(3 * B, B, DATA), Extent(4 * B, B, ZERO),
+                   Extent(6 * B, 2 * B, DATA), Extent(10 * B, 100, DATA)]
+
+
+def test_copy_writes_data_zeroes_and_digests_every_block():
+    data = bytearray(b"\x01" * (8 * B))
+    data[2 * B:3 * B] = bytes(B)          # data extent that reads as zero: sent as zero
+    src = MemSource(data)
+    sink = MemSink(b"\xff" * (8 * B))    # the "backing" holds other data everywhere
+    exts = [Extent(0, 4 * B), Extent(4 * B, 2 * B, ZERO), Extent(6 * B, 2 * B)]
+    stats, digests = copy_extents(src, exts, sink, parallel=3, chunk=B, block_size=B)
+    assert bytes(sink.buf) == bytes(data[:4 * B]) + bytes(2 * B) + bytes(data[6 * B:])
+    assert (4 * B, 2 * B) in sink.zeroed and any(o == 2 * B for o, _ in sink.zeroed)
+    assert stats.bytes_read == 6 * B and stats.zero_bytes == 3 * B and stats.bytes_written == 5 * B
+    assert sorted(digests) == list(range(8))
+    assert digests[2] == ZERO_DIGEST and digests[4] == ZERO_DIGEST and digests[0] == block_digest(bytes(data[:B]))
+
+
+def test_ordered_sink_gets_ascending_records_and_a_valid_stream():
+    data = bytes(range(256)) * (B // 256) * 16
+    src = MemSource(data)
+    out = io.BytesIO()
+    writer = DiffWriter(out)
+    writer.header(size=len(data), to_snap="s1")
+    exts = [Extent(0, 3 * B), Extent(3 * B, B, ZERO), Extent(5 * B, 11 * B)]
+    copy_extents(src, exts, DiffStreamSink(writer), parallel=4, chunk=B)
+    writer.end()
+    out.seek(0)
+    rebuilt = bytearray(len(data))
+    offsets = []
+    for ext, chunk in DiffReader(out).records():
+        offsets.append(ext.offset)
+        if ext.kind == DATA:
+            rebuilt[ext.offset:ext.end] = chunk
+    assert offsets == sorted(offsets)
+    expected = bytearray(data)
+    expected[3 * B:4 * B] = bytes(B)
+    expected[4 * B:5 * B] = bytes(B)  # never transferred: reads as zero in a fresh target
+    assert rebuilt == expected
+
+
+def test_a_failing_read_stops_the_copy_with_its_error():
+    class Broken(MemSource):
+        def read(self, offset, length):
+            if offset >= 4 * B:
+                raise TransferError("read failed at %d" % offset, offset=offset)
+            return super().read(offset, length)
+
+    sink = MemSink(bytes(64 * B))
+    with pytest.raises(TransferError, match="read failed"):
+        copy_extents(Broken(b"\x02" * (64 * B)), [Extent(0, 64 * B)], sink, parallel=2, chunk=B)
+
+
+def test_short_read_is_an_error():
+    class Short(MemSource):
+        def read(self, offset, length):
+            return super().read(offset, length)[:-1]
+
+    with pytest.raises(TransferError, match="short read"):
+        copy_extents(Short(b"\x03" * B), [Extent(0, B)], MemSink(bytes(B)), parallel=1, chunk=B)
