@@ -9,7 +9,7 @@ LAB := /usr/bin/python3 tests/lab/snaplab.py
 # Outside the work tree: inside it, ansible-test would ask git and see only ignored files.
 # ansible-test gets its own venv: its pinned tools must not disturb .venv.
 SANITY_VENV := build/sanity-venv
-SANITY_BASE := /tmp/snapchain-sanity
+SANITY_BASE := /tmp/snapchain-sanity-$(shell echo $(CURDIR) | md5sum | cut -c1-8)
 SANITY_ROOT := $(SANITY_BASE)/ansible_collections/snapchain/vmbackup
 export ANSIBLE_COLLECTIONS_PATH := $(CURDIR)/build/collections
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)

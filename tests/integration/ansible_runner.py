@@ -38,6 +38,7 @@ def playbook(path, extra_vars=None, check=False, expect_rc=0, timeout=900, env=N
     run_env = dict(os.environ)
     run_env.update({
         "ANSIBLE_COLLECTIONS_PATH": os.path.join(ROOT, "build", "collections"),
+        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "0",
         "ANSIBLE_NOCOLOR": "1",
         "ANSIBLE_HOST_KEY_CHECKING": "0",
         "ANSIBLE_RETRY_FILES_ENABLED": "0",
