@@ -62,7 +62,7 @@ def test_copy_writes_data_zeroes_and_digests_every_block():
     exts = [Extent(0, 4 * B), Extent(4 * B, 2 * B, ZERO), Extent(6 * B, 2 * B)]
     stats, digests = copy_extents(src, exts, sink, parallel=3, chunk=B, block_size=B)
     assert bytes(sink.buf) == bytes(data[:4 * B]) + bytes(2 * B) + bytes(data[6 * B:])
-    assert (4 * B, 2 * B) in sink.zeroed and any(o == 2 * B for o, _ in sink.zeroed)
+    assert (4 * B, 2 * B) in sink.zeroed and any(zeroed[0] == 2 * B for zeroed in sink.zeroed)
     assert stats.bytes_read == 6 * B and stats.zero_bytes == 3 * B and stats.bytes_written == 5 * B
     assert sorted(digests) == list(range(8))
     assert digests[2] == ZERO_DIGEST and digests[4] == ZERO_DIGEST and digests[0] == block_digest(bytes(data[:B]))
