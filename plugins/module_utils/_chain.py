@@ -268,24 +268,37 @@ class BlockDigests:
         return self
 
     @classmethod
-    def merged(cls, layers, size=None, block_size=None):
+    def merged(cls, layers, size=None, block_size=None, sizes=None):
         """What a point reads as, from its layers' digests OLDEST FIRST (newest wins).
 
         With ``size`` every block of the disk is present: blocks no layer wrote
-        read as zeroes (ZERO_DIGEST), blocks past the end are dropped.
+        read as zeroes (ZERO_DIGEST), blocks past the end are dropped.  ``sizes``
+        (each layer's virtual size) replays shrinks and grows: what a shrink cut
+        off reads as zeroes when a later layer grows the disk again, as in qcow2.
         """
         layers = list(layers)
         if block_size is None:
             if not layers:
                 raise InputError("merged() needs a block size or at least one layer")
             block_size = layers[0].block_size
+        if sizes is not None and len(sizes) != len(layers):
+            raise InputError("merged() needs one size per layer")
         out = cls(block_size)
         if size is not None:
             blocks = out.blocks(size)
             out._present = bytearray(b"\x01") * blocks
             out._data = bytearray(blocks * DIGEST_SIZE)
             out._count = blocks
-        for layer in layers:
+        for n, layer in enumerate(layers):
+            if sizes is not None and n > 0:
+                if sizes[n] < sizes[n - 1]:
+                    out.truncate(out.blocks(sizes[n]))
+                else:
+                    # Grown: blocks past the previous end read as zeroes until a layer writes them.
+                    # (A previous end inside a block leaves that edge block's old digest: sizes are
+                    # normally whole MiBs, so this only matters for odd sizes.)
+                    for index in range(out.blocks(sizes[n - 1]), out.blocks(sizes[n])):
+                        out[index] = ZERO_DIGEST
             out.update(layer)
         if size is not None:
             out.truncate(out.blocks(size))
@@ -886,7 +899,8 @@ class Repository:
                 raise RepositoryError("point %s has no block digests: the digests of %s are incomplete"
                                       % (point["name"], chain[-1]["name"]), point=point["name"])
             layers.append(digests)
-        return BlockDigests.merged(layers, size=chain[-1]["size"], block_size=self.block_size)
+        return BlockDigests.merged(layers, size=chain[-1]["size"], block_size=self.block_size,
+                                   sizes=[p["size"] for p in chain])
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -552,3 +552,14 @@ def test_layer_written_through_nbd(repo, tmp_path):
     assert qi.compare(repo.layer_path(P2), str(raw), fmt2="raw")
     own = qi.map_extents(repo.layer_path(P2), top_only=True)
     assert own[0].offset == 2 * MiB and own[0].length == 2 * MiB and own[0].kind == "zero"
+
+
+def test_merged_replays_shrink_then_grow_as_zeroes():
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import BlockDigests, ZERO_DIGEST
+    bs = 65536
+    base, shrunk, grown = BlockDigests(bs), BlockDigests(bs), BlockDigests(bs)
+    for index in range(4):
+        base[index] = bytes([index + 1]) * 16
+    grown[3] = b"\x09" * 16
+    merged = BlockDigests.merged([base, shrunk, grown], size=4 * bs, sizes=[4 * bs, 2 * bs, 4 * bs])
+    assert [merged[i] for i in range(4)] == [b"\x01" * 16, b"\x02" * 16, ZERO_DIGEST, b"\x09" * 16]

@@ -1,0 +1,197 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: snapchain developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qcow2_chain_append
+short_description: Append a backup point to a disk's qcow2 chain from a raw file, block device or rbd diff file
+version_added: 0.1.0
+description:
+  - Appends one point (a new qcow2 layer) to the repository directory of one disk, for sources that are
+    not RBD images.
+  - With O(source), a raw file or block device (an LVM or ZFS snapshot device, a ploop image's raw
+    data...), the whole source is read in parallel and each 64 KiB block is compared with the block
+    digests of the latest point as it is read. Only blocks that differ are written (blocks that became
+    all-zero as NBD write-zeroes); an unchanged source still gives a point, with nothing written.
+  - A full backup starts a new segment of the chain, and RV(full_reason) says why. It happens for the
+    first backup, when the source size changed, when the latest point is marked bad or its block digests
+    are unusable, or with O(force_full).
+  - With O(diff), an C(rbd diff v1) file (from C(rbd export-diff)) is replayed into a new layer on top
+    of the latest point, like C(rbd import-diff). Its from-snapshot must be the latest point's snapshot;
+    a diff without from-snapshot is a full one and starts a new segment.
+  - The layer is checked, fsynced and renamed into place before the manifest records it; any failure
+    leaves the repository as it was.
+author:
+  - snapchain developers (@snapchain)
+extends_documentation_fragment:
+  - snapchain.vmbackup.repository
+attributes:
+  check_mode:
+    support: full
+    description: Reports whether the point would be full or incremental and why, writing nothing.
+  diff_mode:
+    support: none
+    description: A backup has no meaningful before/after text; see the returned counters.
+options:
+  chain:
+    description: The repository directory of this disk (created with O(dir_mode) if missing).
+    type: path
+    required: true
+  source:
+    description:
+      - A raw image file or block device to back up, read whole. It must not change during the run
+        (back up a snapshot, not a live disk).
+      - Its size must be a multiple of 512 bytes.
+    type: path
+  diff:
+    description: An C(rbd diff v1) file to replay onto the latest point.
+    type: path
+  snapshot_name:
+    description:
+      - Recorded as the point's C(snapshot) (for example the LVM or ZFS snapshot that was read).
+      - With O(diff), defaults to the diff's to-snapshot and must equal it when the diff has one; the next
+        incremental diff must start from this name.
+    type: str
+  point_name:
+    description:
+      - Name of the new point, a UTC stamp such as V(20261122T031500Z) newer than the latest point.
+      - Defaults to the current UTC time (moved forward if a point with that name or a later one exists).
+    type: str
+  force_full:
+    description:
+      - With O(source), write a full backup (a new segment) even when an incremental is possible.
+      - With O(diff), only allowed for a full diff (one without from-snapshot).
+    type: bool
+    default: false
+notes:
+  - Runs on the host that holds the repository and can read the source.
+seealso:
+  - module: snapchain.vmbackup.rbd_export_diff
+"""
+
+EXAMPLES = r"""
+- name: Back up an LVM snapshot of a guest disk
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/kvm1/vm1-disk0
+    source: /dev/vg0/vm1-disk0-snap
+    snapshot_name: vm1-disk0-snap
+    parallel: 8
+  register: backup
+
+- name: Replay an incremental rbd export-diff file into the chain
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/ceph/rbd/vm2-disk0
+    diff: /backup/diffs/vm2-disk0_v1_v2.rbddiff
+
+- name: Would the next backup be full?
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/kvm1/vm1-disk0
+    source: /var/lib/images/vm1.raw
+  check_mode: true
+  register: plan
+"""
+
+RETURN = r"""
+point:
+  description: The manifest entry of the new point (name, layer, parent, segment, size, counters...).
+  returned: success, not in check mode
+  type: dict
+parent:
+  description: Name of the point the new one is backed by; null for a full backup.
+  returned: always
+  type: str
+full:
+  description: Whether the point starts a new segment of the chain (a full backup).
+  returned: always
+  type: bool
+full_reason:
+  description: Why the backup was full (first backup, size changed, forced, full diff...); null for incrementals.
+  returned: always
+  type: str
+mode:
+  description: V(source) or V(diff).
+  returned: always
+  type: str
+size:
+  description: Size in bytes of the disk at the new point.
+  returned: always
+  type: int
+snapshot:
+  description: The snapshot name recorded with the point (may be null).
+  returned: always
+  type: str
+from_snapshot:
+  description: The diff's from-snapshot; null for a full diff.
+  returned: when O(diff) is used
+  type: str
+cleaned_partial:
+  description: Temporary files of interrupted runs that were removed from the disk directory.
+  returned: always
+  type: list
+  elements: str
+bytes_read:
+  description: Bytes read from the source (with O(diff), data bytes of the diff).
+  returned: success, not in check mode
+  type: int
+bytes_written:
+  description: Data bytes written into the new layer (zero extents excluded); 0 for an unchanged source.
+  returned: success, not in check mode
+  type: int
+zero_bytes:
+  description: Bytes written as NBD write-zeroes.
+  returned: success, not in check mode
+  type: int
+extents:
+  description: Number of write/zero requests.
+  returned: success, not in check mode
+  type: int
+seconds:
+  description: Duration of the transfer.
+  returned: success, not in check mode
+  type: float
+mb_per_s:
+  description: Read throughput in MB/s (10^6 bytes).
+  returned: success, not in check mode
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._append import append_point
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            chain=dict(type="path", required=True),
+            source=dict(type="path"),
+            diff=dict(type="path"),
+            snapshot_name=dict(type="str"),
+            point_name=dict(type="str"),
+            force_full=dict(type="bool", default=False),
+            dir_mode=dict(type="str", default="0700"),
+            file_mode=dict(type="str", default="0600"),
+            parallel=dict(type="int", default=4),
+            nbd_cache=dict(type="str", choices=["none", "writeback", "writethrough", "directsync", "unsafe"],
+                           default="writeback"),
+        ),
+        mutually_exclusive=[("source", "diff")],
+        required_one_of=[("source", "diff")],
+        supports_check_mode=True,
+    )
+    if not module.check_mode and not _nbd.HAS_NBD:
+        module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
+    try:
+        result = append_point(module.params, check_mode=module.check_mode)
+    except SnapchainError as exc:
+        module.fail_json(**exc.to_result())
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
