@@ -276,20 +276,22 @@ class BlockDigests:
         (each layer's virtual size) replays shrinks and grows: what a shrink cut
         off reads as zeroes when a later layer grows the disk again, as in qcow2.
         """
-        layers = list(layers)
         if block_size is None:
+            layers = list(layers)
             if not layers:
                 raise InputError("merged() needs a block size or at least one layer")
             block_size = layers[0].block_size
-        if sizes is not None and len(sizes) != len(layers):
-            raise InputError("merged() needs one size per layer")
         out = cls(block_size)
         if size is not None:
             blocks = out.blocks(size)
             out._present = bytearray(b"\x01") * blocks
             out._data = bytearray(blocks * DIGEST_SIZE)
             out._count = blocks
+        count = 0
         for n, layer in enumerate(layers):
+            count += 1
+            if sizes is not None and n >= len(sizes):
+                raise InputError("merged() needs one size per layer")
             if sizes is not None and n > 0:
                 if sizes[n] < sizes[n - 1]:
                     out.truncate(out.blocks(sizes[n]))
@@ -300,6 +302,8 @@ class BlockDigests:
                     for index in range(out.blocks(sizes[n - 1]), out.blocks(sizes[n])):
                         out[index] = ZERO_DIGEST
             out.update(layer)
+        if sizes is not None and count != len(sizes):
+            raise InputError("merged() needs one size per layer")
         if size is not None:
             out.truncate(out.blocks(size))
         return out
@@ -892,13 +896,12 @@ class Repository:
         RepositoryError if a layer of the chain has no digests.
         """
         chain = self.chain(name)
-        layers = []
         for point in chain:
-            digests = self.load_digests(point["name"])
-            if digests is None:
+            if not point.get("digests"):
                 raise RepositoryError("point %s has no block digests: the digests of %s are incomplete"
                                       % (point["name"], chain[-1]["name"]), point=point["name"])
-            layers.append(digests)
+        # One layer in memory at a time: a long chain of a big disk must not load every layer at once.
+        layers = (self.load_digests(point["name"]) for point in chain)
         return BlockDigests.merged(layers, size=chain[-1]["size"], block_size=self.block_size,
                                    sizes=[p["size"] for p in chain])
 

@@ -101,17 +101,25 @@ def create(path, size=None, fmt="qcow2", backing=None, backing_fmt="qcow2", clus
     return path
 
 
-def check(path, fmt="qcow2", force_share=False):
+def check(path, fmt="qcow2", force_share=False, no_backing=False):
     """``qemu-img check --output=json``; the parsed report, or RepositoryError.
+
+    ``no_backing`` checks the layer alone (its backing file is not opened), so
+    a layer above a missing or broken file can still be checked.
 
     Raises when the image cannot be opened or checked, has corruptions, or
     the check itself hit errors.  Leaked clusters alone are harmless (wasted
     space, no data at risk) and only show in the returned ``leaks``.
     """
-    argv = [_qemu_img(), "check", "--output=json"] + _fmt_args(fmt)
+    argv = [_qemu_img(), "check", "--output=json"]
     if force_share:
         argv.append("-U")
-    argv.append(path)
+    if no_backing:
+        spec = {"driver": fmt or "qcow2", "backing": None,
+                "file": {"driver": "file", "filename": os.path.abspath(path)}}
+        argv.append("json:" + json.dumps(spec))
+    else:
+        argv += _fmt_args(fmt) + [path]
     proc = run(argv, check=False)
     try:
         report = json.loads(proc.stdout)

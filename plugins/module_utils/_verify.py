@@ -616,7 +616,7 @@ def _check_structure(repo, report):
             missing.add(name)
             report.problem(name, layer, "point %s: its layer %s is missing" % (name, point["layer"]))
             continue
-        _check_layer(repo, report, point, by_name, missing)
+        _check_layer(repo, report, point, by_name)
         _check_digests(repo, report, point, block_size)
     for leaf in _leaves(points):
         _check_backing_chain(repo, report, leaf, by_name, missing)
@@ -632,7 +632,7 @@ def _check_structure(repo, report):
     return True
 
 
-def _check_layer(repo, report, point, by_name, missing):
+def _check_layer(repo, report, point, by_name):
     name = point["name"]
     layer = repo.path(point["layer"])
     parent = by_name.get(point["parent"]) if point["parent"] else None
@@ -662,10 +662,9 @@ def _check_layer(repo, report, point, by_name, missing):
     if backing is not None and info.get("backing-filename-format") not in (None, "qcow2"):
         report.problem(name, layer, "point %s: %s names its backing file format %r, not qcow2"
                        % (name, point["layer"], info.get("backing-filename-format")))
-    if any(a in missing for a in _ancestors(point, by_name)):
-        return  # qemu-img check opens the backing chain: the missing layer is reported already
     try:
-        check = _qemu_img.check(layer, force_share=True)
+        # Each layer on its own: a missing or broken file below must not hide problems in this one.
+        check = _qemu_img.check(layer, force_share=True, no_backing=True)
     except RepositoryError as exc:
         report.problem(name, layer, "point %s: %s" % (name, exc.msg))
         return

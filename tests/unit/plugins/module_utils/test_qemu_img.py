@@ -197,3 +197,13 @@ def test_measure(tmp_path):
     assert result["fully-allocated"] >= 64 * MiB
     with pytest.raises(InputError):
         qi.measure()
+
+
+def test_check_no_backing_checks_a_layer_whose_backing_file_is_gone(tmp_path):
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    qi.create(str(base), 4 * MiB)
+    qi.create(str(top), 4 * MiB, backing="base.qcow2")
+    base.unlink()
+    with pytest.raises(RepositoryError):
+        qi.check(str(top))
+    assert qi.check(str(top), no_backing=True)["check-errors"] == 0
