@@ -15,7 +15,10 @@ def test_cluster_is_healthy(lab):
     only_size_warnings = set(health["checks"]) <= {"POOL_NO_REDUNDANCY"}
     assert health["status"] == "HEALTH_OK" or only_size_warnings, health
     pgmap = status["pgmap"]
-    assert pgmap["pgs_by_state"] == [{"state_name": "active+clean", "count": pgmap["num_pgs"]}]
+    # Every PG active+clean; +snaptrim(_wait) is healthy background work after other tests removed snapshots.
+    states = pgmap["pgs_by_state"]
+    assert all({"active", "clean"} <= set(s["state_name"].split("+")) for s in states), states
+    assert sum(s["count"] for s in states) == pgmap["num_pgs"]
 
 
 def test_backup_client_can_write_and_read_an_image(lab):
