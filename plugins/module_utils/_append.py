@@ -446,10 +446,10 @@ def check_params(params):
     if bool(params.get("source")) == bool(params.get("diff")):
         raise InputError("exactly one of source and diff is required")
     parallel = params.get("parallel")
-    parallel = 4 if parallel is None else parallel
+    parallel = 8 if parallel is None else parallel
     if not 1 <= parallel <= MAX_PARALLEL:
         raise InputError("parallel must be between 1 and %d, not %r" % (MAX_PARALLEL, parallel))
-    cache = params.get("nbd_cache") or "writeback"
+    cache = params.get("nbd_cache") or "none"
     if cache not in CACHE_MODES:
         raise InputError("nbd_cache must be one of %s" % ", ".join(CACHE_MODES))
     if params.get("point_name") is not None:
@@ -565,7 +565,8 @@ def _check_mode(repo, params, result, choose):
 def _serve(pending, opts):
     from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
     _nbd.require_nbd()
-    return _nbd.QemuNbd(pending.path, fmt="qcow2", cache=opts["cache"], shared=opts["parallel"])
+    cache = _nbd.usable_cache_mode(opts["cache"], os.path.dirname(pending.path))
+    return _nbd.QemuNbd(pending.path, fmt="qcow2", cache=cache, shared=opts["parallel"])
 
 
 def _publish(repo, pending, stats, digests, snapshot, source, reason, extra):

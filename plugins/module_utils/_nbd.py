@@ -28,6 +28,7 @@ waits for the server, so threads do run in parallel.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 import shutil
@@ -73,6 +74,28 @@ DEFAULT_MAX_REQUEST = 32 << 20
 # base:allocation flags of NBD_CMD_BLOCK_STATUS
 STATE_HOLE = 1
 STATE_ZERO = 2
+
+
+def usable_cache_mode(cache, directory):
+    """``cache``, or its buffered equivalent when ``directory``'s filesystem refuses O_DIRECT (tmpfs).
+
+    qemu-nbd opens the image with O_DIRECT for V(none) and V(directsync) and would fail
+    to start there; V(writeback) / V(writethrough) keep the same flush guarantees.
+    """
+    if cache not in ("none", "directsync"):
+        return cache
+    fd, probe = tempfile.mkstemp(prefix=".odirect-probe-", dir=directory)
+    os.close(fd)
+    try:
+        try:
+            os.close(os.open(probe, os.O_RDWR | getattr(os, "O_DIRECT", 0)))
+            return cache
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return "writeback" if cache == "none" else "writethrough"
+    finally:
+        os.unlink(probe)
 
 
 def require_nbd():

@@ -127,7 +127,7 @@ def export_diff_file(params, check_mode=False):
                     writer = DiffWriter(fh)
                     writer.header(size=source.size, from_snap=params.get("from_snapshot"), to_snap=params["snapshot"])
                     stats, _digests = copy_extents(source, extents, DiffStreamSink(writer),
-                                                   parallel=params.get("parallel") or 4, chunk=DEFAULT_CHUNK)
+                                                   parallel=params.get("parallel") or 8, chunk=DEFAULT_CHUNK)
                     writer.end()
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -206,7 +206,7 @@ def backup_to_chain(params, check_mode=False):
     prefix = params.get("prefix") or _naming.DEFAULT_PREFIX
     dir_mode = parse_mode(params.get("dir_mode") or "0700", "dir_mode")
     file_mode = parse_mode(params.get("file_mode") or "0600", "file_mode")
-    parallel = params.get("parallel") or 4
+    parallel = params.get("parallel") or 8
     pool, ns, image = params["pool"], params.get("namespace"), params["image"]
     repo = _chain.Repository(params["chain"], dir_mode=dir_mode, file_mode=file_mode)
     if check_mode and not os.path.isdir(params["chain"]):
@@ -274,8 +274,8 @@ def _append_point(sess, repo, image, snapshot, parent, params, parallel, _chain,
         if size % 512:
             raise InputError("image size %d is not a multiple of 512 bytes" % size)
         with repo.begin_point(name, size, parent=parent and parent["name"]) as pending:
-            server = _nbd.QemuNbd(pending.path, fmt="qcow2", cache=params.get("nbd_cache") or "writeback",
-                                  shared=parallel)
+            cache = _nbd.usable_cache_mode(params.get("nbd_cache") or "none", repo.disk_dir)
+            server = _nbd.QemuNbd(pending.path, fmt="qcow2", cache=cache, shared=parallel)
             with server:
                 nbd_pool = server.pool(parallel)
                 try:

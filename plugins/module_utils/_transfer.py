@@ -18,6 +18,7 @@ Memory is bounded by ``parallel * 2 * chunk`` bytes whatever the image size.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import os
@@ -37,35 +38,96 @@ def align_to_blocks(extents, block_size, size):
     A block wholly covered by ZERO extents stays ZERO; any other touched block
     becomes DATA and is read whole, so every written block gets a digest and
     every write fills whole qcow2 clusters (no copy-on-write from the backing file).
+
+    Works on block ranges, not on a set of blocks: time and memory grow with the
+    number of extents, not with the size of the disk (a full backup of a 1 TiB
+    image is 262144 object extents, not 16 million block numbers).
     """
-    data_blocks = set()
-    zero_cover = collections.defaultdict(int)
+    nblocks = -(-size // block_size)
+
+    def blen(b):
+        return min(block_size, size - b * block_size)
+
+    data, zero, edges = [], [], collections.defaultdict(int)
     for ext in extents:
         if ext.length == 0:
             continue
-        first, last = ext.offset // block_size, (ext.end - 1) // block_size
+        first, last = ext.offset // block_size, min((ext.end - 1) // block_size, nblocks - 1)
+        if first > last:
+            continue
         if ext.kind == DATA:
-            data_blocks.update(range(first, last + 1))
+            data.append((first, last + 1))
             continue
-        for b in range(first, last + 1):
+        for b in sorted({first, last}):
             lo, hi = max(ext.offset, b * block_size), min(ext.end, (b + 1) * block_size)
-            zero_cover[b] += hi - lo
-    blocks = []
-    for b in sorted(data_blocks | set(zero_cover)):
-        length = min(block_size, size - b * block_size)
-        if length <= 0:
-            continue
-        kind = ZERO if b not in data_blocks and zero_cover[b] >= length else DATA
-        blocks.append((b, kind))
-    out = []
-    for b, kind in blocks:
-        off = b * block_size
-        length = min(block_size, size - off)
-        if out and out[-1].kind == kind and out[-1].end == off:
-            out[-1] = Extent(out[-1].offset, out[-1].length + length, kind)
+            edges[b] += hi - lo
+        if last - first > 1:
+            zero.append((first + 1, last))
+    interior = _merge_ranges(zero)
+    for b, covered in edges.items():
+        if covered >= blen(b) or _in_ranges(interior, b):
+            zero.append((b, b + 1))
         else:
-            out.append(Extent(off, length, kind))
+            data.append((b, b + 1))
+    data, zero = _merge_ranges(data), _merge_ranges(zero)
+    out = []
+
+    def emit(first, end, kind):
+        if first >= end:
+            return
+        off, stop = first * block_size, min(end * block_size, size)
+        if out and out[-1].kind == kind and out[-1].end == off:
+            out[-1] = Extent(out[-1].offset, stop - out[-1].offset, kind)
+        else:
+            out.append(Extent(off, stop - off, kind))
+
+    # DATA wins over ZERO: walk both sorted lists, cutting zero ranges around data ranges.
+    i, done = 0, 0
+    for zfirst, zend in zero:
+        while i < len(data) and data[i][0] < zend:
+            emit(max(zfirst, done), data[i][0], ZERO)
+            emit(data[i][0], data[i][1], DATA)
+            done = max(done, data[i][1])
+            i += 1
+        emit(max(zfirst, done), zend, ZERO)
+        done = max(done, zend)
+    for first, end in data[i:]:
+        emit(first, end, DATA)
     return out
+
+
+def _merge_ranges(ranges):
+    """Sorted, disjoint, non-adjacent half-open (first, end) ranges covering ``ranges``."""
+    out = []
+    for first, end in sorted(ranges):
+        if out and first <= out[-1][1]:
+            if end > out[-1][1]:
+                out[-1] = (out[-1][0], end)
+        else:
+            out.append((first, end))
+    return out
+
+
+def _in_ranges(ranges, b):
+    i = bisect.bisect_right(ranges, (b, float("inf"))) - 1
+    return i >= 0 and ranges[i][0] <= b < ranges[i][1]
+
+
+def _all_zero(data, zero_buf):
+    """True when ``data`` (at most ``len(zero_buf)`` bytes) is all zero bytes.
+
+    bytes/bytearray compare with memcmp (stops at the first non-zero byte, ~50 GB/s
+    on zero data); a memoryview comparison unpacks item by item under the GIL
+    (~1 GB/s), which made zero-heavy chunks cost as much as hashing them.
+    """
+    length = len(data)
+    if not length:
+        return True
+    if data[0]:
+        return False
+    if isinstance(data, (bytes, bytearray)):
+        return data == (zero_buf if length == len(zero_buf) else bytes(length))
+    return memoryview(data).cast("B") == memoryview(zero_buf)[:length]
 
 
 def _chunks(extents, chunk):
@@ -148,7 +210,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
         if len(data) != ext.length:
             raise TransferError("short read at offset %d: %d of %d bytes" % (ext.offset, len(data), ext.length),
                                 offset=ext.offset)
-        if memoryview(data) == memoryview(zero_buf)[:ext.length]:
+        if _all_zero(data, zero_buf):
             return Extent(ext.offset, ext.length, ZERO), None
         return ext, data
 
