@@ -217,7 +217,7 @@ class _Window:
 # Source mode: read everything, write what differs
 
 
-def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536):
+def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536, digest=block_digest):
     """Read all of ``source``, write to ``target`` the blocks whose digest differs from ``base``.
 
     ``base`` is the effective BlockDigests of the parent point (every block
@@ -255,14 +255,14 @@ def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
         first = offset // block_size
         for i, pos in enumerate(range(0, length, block_size)):
             n = min(block_size, length - pos)
-            digest = block_digest(data[pos:pos + n])
+            got = digest(data[pos:pos + n])
             index = first + i
             old = ZERO_DIGEST if base is None else base.get(index, ZERO_DIGEST)
-            if digest == old:
+            if got == old:
                 close_run(pos)
                 continue
-            changed.append((index, digest))
-            kind = ZERO if digest == ZERO_DIGEST else "data"
+            changed.append((index, got))
+            kind = ZERO if got == ZERO_DIGEST else "data"
             if run[1] != kind:
                 close_run(pos)
                 run[0], run[1] = pos, kind
@@ -271,8 +271,8 @@ def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
 
     def on_result(result):
         length, changed, counters = result
-        for index, digest in changed:
-            digests[index] = digest
+        for index, value in changed:
+            digests[index] = value
         stats.bytes_read += length
         stats.bytes_written += counters[0]
         stats.zero_bytes += counters[1]
@@ -289,7 +289,8 @@ def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
 # Diff mode: replay w/z records
 
 
-def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, readback_chunk=DEFAULT_CHUNK):
+def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, readback_chunk=DEFAULT_CHUNK,
+                digest=block_digest):
     """Apply the records of ``reader`` (a DiffReader) to ``target``; return ``(Stats, BlockDigests, readback)``.
 
     ``parent_size`` is the size of the point the layer is backed by (None for a
@@ -334,7 +335,7 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
         out = []
         for index in range(lo, hi):
             start = index * block_size - offset
-            out.append((index, block_digest(data[start:start + block_len(index)])))
+            out.append((index, digest(data[start:start + block_len(index)])))
         return out, length, 0
 
     def on_result(result):
@@ -343,8 +344,8 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
             for index in range(*out):
                 digests[index] = ZERO_DIGEST
         else:
-            for index, digest in out:
-                digests[index] = digest
+            for index, value in out:
+                digests[index] = value
         stats.bytes_written += written
         stats.zero_bytes += zeroed
         stats.extents += 1
@@ -375,13 +376,13 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
             offset = first * block_size
             length = min(count * block_size, size - offset)
             data = bytes(target.read(offset, length))
-            out = [(first + k, block_digest(data[k * block_size:(k + 1) * block_size])) for k in range(count)]
+            out = [(first + k, digest(data[k * block_size:(k + 1) * block_size])) for k in range(count)]
             return out, length
 
         def on_read(result):
             out, length = result
-            for index, digest in out:
-                digests[index] = digest
+            for index, value in out:
+                digests[index] = value
             readback_bytes[0] += length
 
         window.on_result = on_read
@@ -584,6 +585,7 @@ def _write_source_point(repo, src, name, parent, base, reason, params, opts):
             pool = server.pool(opts["parallel"])
             try:
                 stats, digests = scan_source(src, NbdTarget(pool), base=base, parallel=opts["parallel"],
+                                             digest=repo.block_digest,
                                              block_size=repo.block_size)
                 pool.flush()
             finally:
@@ -601,7 +603,7 @@ def _write_diff_point(repo, reader, name, parent, reason, snapshot, params, opts
         with _serve(pending, opts) as server:
             pool = server.pool(opts["parallel"])
             try:
-                stats, digests, readback = replay_diff(reader, NbdTarget(pool),
+                stats, digests, readback = replay_diff(reader, NbdTarget(pool), digest=repo.block_digest,
                                                        parent_size=parent and parent["size"],
                                                        parallel=opts["parallel"], block_size=repo.block_size)
                 pool.flush()

@@ -44,6 +44,13 @@ import struct
 import sys
 from array import array
 
+try:
+    import xxhash
+    HAS_XXHASH = True
+except ImportError:
+    xxhash = None
+    HAS_XXHASH = False
+
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
@@ -142,20 +149,50 @@ def _zeroes(length):
     return bytes(length)
 
 
-@functools.lru_cache(maxsize=8)
-def _zero_hash(length):
-    return hashlib.blake2b(_zeroes(length), digest_size=DIGEST_SIZE).digest()
+def _blake2b_128(data):
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
 
-def block_digest(data):
-    """16-byte blake2b of a block's bytes, or ZERO_DIGEST when they are all zero."""
+def _xxh3_128(data):
+    return xxhash.xxh3_128_digest(data)
+
+
+# Block digest algorithms, by the name a manifest records in its "digest" field.  xxh3-128
+# (python3-xxhash) hashes at >10 GB/s where blake2b manages ~0.6 GB/s on the same core: it
+# detects corruption and bad diffs as well, and keeps a full backup from being bound by hashing.
+DIGEST_FUNCTIONS = {"blake2b-128": _blake2b_128, "xxh3-128": _xxh3_128}
+LEGACY_DIGEST = "blake2b-128"  # manifests written before the field existed
+
+
+def default_digest():
+    """The algorithm for a new repository: xxh3-128 where python3-xxhash is installed."""
+    return "xxh3-128" if HAS_XXHASH else "blake2b-128"
+
+
+def digest_function(algorithm):
+    if algorithm not in DIGEST_FUNCTIONS:
+        raise RepositoryError("unknown block digest algorithm %r (known: %s)"
+                              % (algorithm, ", ".join(sorted(DIGEST_FUNCTIONS))))
+    if algorithm == "xxh3-128" and not HAS_XXHASH:
+        raise RepositoryError("this repository's block digests are xxh3-128: install python3-xxhash on this host")
+    return DIGEST_FUNCTIONS[algorithm]
+
+
+@functools.lru_cache(maxsize=16)
+def _zero_hash(length, algorithm):
+    return digest_function(algorithm)(_zeroes(length))
+
+
+def block_digest(data, algorithm=LEGACY_DIGEST):
+    """16-byte digest of a block's bytes, or ZERO_DIGEST when they are all zero."""
+    fn = digest_function(algorithm)
     length = memoryview(data).nbytes
     if isinstance(data, (bytes, bytearray)):
         if data == _zeroes(length):
             return ZERO_DIGEST
-        return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
-    digest = hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
-    return ZERO_DIGEST if digest == _zero_hash(length) else digest
+        return fn(data)
+    digest = fn(data)
+    return ZERO_DIGEST if digest == _zero_hash(length, algorithm) else digest
 
 
 class BlockDigests:
@@ -200,9 +237,9 @@ class BlockDigests:
             self._present[index] = 1
             self._count += 1
 
-    def add(self, index, data):
+    def add(self, index, data, algorithm=LEGACY_DIGEST):
         """Record the digest of ``data`` (the block's bytes) for ``index``; returns the digest."""
-        digest = block_digest(data)
+        digest = block_digest(data, algorithm)
         self[index] = digest
         return digest
 
@@ -551,7 +588,8 @@ class Repository:
             with open(path, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            self._manifest = {"format": FORMAT, "block_size": self.new_block_size, "points": []}
+            self._manifest = {"format": FORMAT, "block_size": self.new_block_size, "digest": default_digest(),
+                              "points": []}
             return self
         except OSError as exc:
             raise RepositoryError("cannot read %s: %s" % (path, exc.strerror), path=path)
@@ -582,6 +620,8 @@ class Repository:
             BlockDigests(block_size)
         except InputError:
             raise bad("invalid block_size %r" % (block_size,))
+        if doc.get("digest", LEGACY_DIGEST) not in DIGEST_FUNCTIONS:
+            raise bad("unknown block digest algorithm %r" % (doc.get("digest"),))
         points = doc.get("points")
         if not isinstance(points, list):
             raise bad("'points' must be a list")
@@ -657,6 +697,14 @@ class Repository:
     @property
     def block_size(self):
         return self._manifest_doc()["block_size"]
+
+    @property
+    def digest_algorithm(self):
+        return self._manifest_doc().get("digest", LEGACY_DIGEST)
+
+    def block_digest(self, data):
+        """The digest of one block with this repository's algorithm (ZERO_DIGEST for zeroes)."""
+        return block_digest(data, self.digest_algorithm)
 
     def points(self):
         """Every point, oldest first (copies: changing them changes nothing)."""

@@ -280,6 +280,7 @@ def _append_point(sess, repo, image, snapshot, parent, params, parallel, _chain,
                 nbd_pool = server.pool(parallel)
                 try:
                     stats, digests = copy_extents(RbdSource(img), extents, NbdSink(nbd_pool), parallel=parallel,
+                                                  digest=repo.block_digest,
                                                   chunk=DEFAULT_CHUNK, block_size=repo.block_size)
                     nbd_pool.flush()
                 finally:

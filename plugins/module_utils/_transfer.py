@@ -158,7 +158,8 @@ class Stats:
                     mb_per_s=round(self.bytes_read / 1e6 / seconds, 1) if seconds > 0 else None)
 
 
-def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_size=None, progress=None):
+def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_size=None, progress=None,
+                 digest=block_digest):
     """Copy ``extents`` of ``source`` to ``sink``; return (Stats, digests).
 
     ``digests`` maps block index -> digest for every whole block of ``block_size``
@@ -186,7 +187,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
             start = b * block_size
             n = min(block_size - (off + pos - start), len(view) - pos)
             if off + pos == start and (n == block_size or off + pos + n == source.size):
-                out[b] = block_digest(view[pos:pos + n])
+                out[b] = digest(view[pos:pos + n])
             pos += n
         return out
 

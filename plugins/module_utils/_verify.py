@@ -332,7 +332,7 @@ def mb_per_s(nbytes, seconds):
 
 
 def check_blocks(reader, expected, size, block_size, ppm=PPM, seed=0, parallel=4, unit=DEFAULT_UNIT,
-                 limit=DEFAULT_MAX_MISMATCHES):
+                 limit=DEFAULT_MAX_MISMATCHES, digest=block_digest):
     """Compare what ``reader`` reads with ``expected`` (a BlockDigests with every block of the disk).
 
     Returns a BlockCheck.  Blocks inside zero extents are not read.  Raises TransferError when a
@@ -371,7 +371,7 @@ def check_blocks(reader, expected, size, block_size, ppm=PPM, seed=0, parallel=4
             view = memoryview(data)
             for index in range(run_first, run_end):
                 pos = (index - run_first) * block_size
-                got = block_digest(view[pos:pos + block_size])
+                got = digest(view[pos:pos + block_size])
                 want = expected_of(index)
                 if got != want:
                     mismatches.append((index, want, got))
@@ -575,7 +575,7 @@ def _run_checks(repo, report, opts, params, _nbd):
         if expected_latest is None and latest["name"] not in names:
             expected_latest = _expected(repo, report, latest)
         if expected_latest is not None:
-            _compare_source(report, latest, expected_latest, block_size, opts, params)
+            _compare_source(repo, report, latest, expected_latest, block_size, opts, params)
 
 
 def _expected(repo, report, point):
@@ -771,6 +771,7 @@ def _check_point_data(repo, report, point, expected, opts, _nbd):
                     out["skipped"] = "size differs"
                     return out
                 result = check_blocks(NbdReader(pool), expected, point["size"], block_size, ppm=opts["ppm"],
+                                      digest=repo.block_digest,
                                       seed=seed, parallel=opts["parallel"], limit=opts["limit"])
             finally:
                 pool.close()
@@ -831,6 +832,7 @@ def _drill(repo, report, point, expected, opts):
                                % (name, reader.size, point["size"]))
                 return
             result = check_blocks(reader, expected, point["size"], repo.block_size, parallel=opts["parallel"],
+                                  digest=repo.block_digest,
                                   limit=opts["limit"])
         finally:
             reader.close()
@@ -842,7 +844,7 @@ def _drill(repo, report, point, expected, opts):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _compare_source(report, point, expected, block_size, opts, params):
+def _compare_source(repo, report, point, expected, block_size, opts, params):
     from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
 
     name = point["name"]
@@ -869,7 +871,7 @@ def _compare_source(report, point, expected, block_size, opts, params):
                         return
                     result = check_blocks(RbdReader(img, _rbd.rbd, _rbd.changed_extents), expected, point["size"],
                                           block_size, ppm=opts["ppm"], seed=point_seed(opts["seed"], name),
-                                          parallel=opts["parallel"], limit=opts["limit"])
+                                          parallel=opts["parallel"], limit=opts["limit"], digest=repo.block_digest)
             except NotFoundError as exc:
                 info["reason"] = "the source snapshot is gone: %s" % exc.msg
                 return

@@ -20,3 +20,7 @@ def lab():
     yield lab
     if not lab.reused and os.environ.get("SNAPCHAIN_LAB_KEEP") != "1":
         lab.stop()
+
+
+# Session-scoped test guests (booted once per run, on first use), shared by every test module.
+from guest_fixtures import guest, guest_image, guest_noagent, guest_on_rbd, libvirt_conn  # noqa: E402,F401 pylint: disable=unused-import,wrong-import-position

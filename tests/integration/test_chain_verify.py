@@ -23,7 +23,7 @@ from ansible_runner import ROOT, playbook, pool_ioctx
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _verify
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import BlockDigests, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import BlockDigests, Repository, block_digest
 
 MiB = 1 << 20
 BS = 65536
@@ -318,12 +318,13 @@ def test_source_comparison_catches_a_bad_diff(args):
     with _nbd.QemuNbd(layer(chain, parent), read_only=True) as server:
         with server.pool(1) as pool:
             old = dict((g // BS, bytes(pool.pread(BS, g))) for g in guest)
-    index = next(i for i in sorted(old) if i in digests and block_digest(old[i]) != digests[i])
+    algorithm = Repository(chain).load().digest_algorithm
+    index = next(i for i in sorted(old) if i in digests and block_digest(old[i], algorithm) != digests[i])
     with _nbd.QemuNbd(layer(chain, latest), cache="writeback") as server:
         with server.pool(1) as pool:
             pool.pwrite(old[index], index * BS)
             pool.flush()
-    digests[index] = block_digest(old[index])
+    digests[index] = block_digest(old[index], algorithm)
     digests.save(os.path.join(chain, latest + ".digests"))
 
     verify(args, points="all")  # consistent with its own digests

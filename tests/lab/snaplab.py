@@ -38,7 +38,7 @@ PACKAGES = (
     "ceph-mon", "ceph-osd", "ceph-mgr", "ceph-common", "python3-rbd", "python3-rados",
     "qemu-utils", "qemu-block-extra", "qemu-system-x86", "libvirt-daemon",
     "libvirt-daemon-driver-qemu", "libvirt-daemon-system", "libvirt-clients", "python3-libvirt",
-    "python3-venv", "python3-libnbd", "python3-jmespath", "libnbd-bin",
+    "python3-venv", "python3-libnbd", "python3-jmespath", "python3-xxhash", "libnbd-bin",
 )
 MEMSTORE_BYTES = 8 << 30
 LIBVIRT_URI = "qemu:///system"

@@ -19,7 +19,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils import _append
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img as qi
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import (
-    ZERO_DIGEST, BlockDigests, Repository)
+    ZERO_DIGEST, BlockDigests, Repository, block_digest, default_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     ConflictError, DiffFormatError, InputError, LockedError, NotFoundError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO
@@ -51,9 +51,10 @@ def point_bytes(repo, name, tmp_path):
 
 
 def digests_of(data):
+    """What a new repository records (xxh3-128 where python3-xxhash is installed)."""
     out = BlockDigests(BS)
     for index, pos in enumerate(range(0, len(data), BS)):
-        out.add(index, data[pos:pos + BS])
+        out.add(index, data[pos:pos + BS], default_digest())
     return out
 
 
@@ -315,7 +316,8 @@ def test_scan_source_without_nbd():
     new[7 * BS] = 1
     target = Target()
     stats, digests = _append.scan_source(Source(bytes(new)), target, base=digests_of(bytes(old)), parallel=2,
-                                         chunk=4 * BS, block_size=BS)
+                                         chunk=4 * BS, block_size=BS,
+                                         digest=lambda data: block_digest(data, default_digest()))
     assert sorted(target.calls) == [("w", 0, 2 * BS), ("w", 7 * BS, BS), ("z", 3 * BS, BS)]
     assert (stats.bytes_written, stats.zero_bytes, stats.extents) == (3 * BS, BS, 3)
     assert sorted(digests) == [0, 1, 3, 7]

@@ -563,3 +563,22 @@ def test_merged_replays_shrink_then_grow_as_zeroes():
     grown[3] = b"\x09" * 16
     merged = BlockDigests.merged([base, shrunk, grown], size=4 * bs, sizes=[4 * bs, 2 * bs, 4 * bs])
     assert [merged[i] for i in range(4)] == [b"\x01" * 16, b"\x02" * 16, ZERO_DIGEST, b"\x09" * 16]
+
+
+def test_new_repositories_record_their_digest_algorithm_and_old_ones_keep_blake2b(tmp_path):
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain
+    repo = _chain.Repository(str(tmp_path / "new"))
+    with repo.lock():
+        repo.load()
+        assert repo.digest_algorithm == _chain.default_digest() == "xxh3-128"  # python3-xxhash is installed
+        assert repo.block_digest(b"\x01" * 65536) == _chain.block_digest(b"\x01" * 65536, "xxh3-128")
+        assert repo.block_digest(bytes(65536)) == _chain.ZERO_DIGEST
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text('{"format": 1, "block_size": 65536, "points": []}')
+    legacy = _chain.Repository(str(old))
+    legacy.load()
+    assert legacy.digest_algorithm == "blake2b-128"
+    (old / "manifest.json").write_text('{"format": 1, "block_size": 65536, "digest": "crc32", "points": []}')
+    with pytest.raises(RepositoryError, match="unknown block digest algorithm"):
+        _chain.Repository(str(old)).load()
