@@ -23,14 +23,14 @@ def lab_vars(lab, **extra):
     return out
 
 
-def playbook(path, extra_vars=None, check=False, expect_rc=0, timeout=900, env=None):
+def playbook(path, extra_vars=None, check=False, expect_rc=0, timeout=900, env=None, inventory="localhost,"):
     """Run a playbook (name under tests/integration/playbooks or a path); return CompletedProcess.
 
     Fails the test with the whole output when the exit code is not ``expect_rc``.
     """
     if not os.path.isabs(path):
         path = os.path.join(PLAYBOOKS, path)
-    argv = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", "localhost,",
+    argv = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", inventory,
             "-c", "local", "-e", "ansible_python_interpreter=%s" % sys.executable,
             "-e", json.dumps(extra_vars or {}), path]
     if check:

@@ -1,0 +1,127 @@
+"""Role vm_backup against a real TCG guest whose two disks are RBD images of the lab cluster.
+
+One freeze for both disks: both snapshots carry the same name and were created inside the
+freeze window reported by virsh_freeze; the guest is thawed afterwards; each chain's point
+restores (plain `qemu-img convert`) to exactly `rbd export` of its snapshot; the domain XML
+is saved beside each point.
+"""
+
+import datetime
+import hashlib
+import json
+import os
+import subprocess
+import uuid
+
+import libvirt_qemu
+import pytest
+
+import guest as guestlib
+from ansible_runner import ROOT, playbook
+from guest_fixtures import BOOT_TIMEOUT
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def two_disk_guest(lab, libvirt_conn, guest_image, tmp_path_factory):
+    name = "snaptest-vm-" + uuid.uuid4().hex[:6]
+    work = tmp_path_factory.mktemp("vm")
+    images = [name + "-root", name + "-data"]
+    raw = work / "root.raw"
+    with open(raw, "wb") as fh:
+        fh.truncate(48 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "snaptest", str(raw)], check=True)
+    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[0]))
+    with open(raw, "wb") as fh:
+        fh.write(os.urandom(8 << 20))
+        fh.truncate(32 << 20)
+    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[1]))
+    raw.unlink()
+    secret = guestlib.define_ceph_secret(libvirt_conn, lab.backup_client,
+                                         guestlib.read_keyring_key(lab.backup_keyring, lab.backup_client))
+    disks = [guestlib.rbd_disk("%s/%s" % (lab.pool, image), lab.mon_addr, user=lab.backup_client,
+                               secret_uuid=secret, dev=dev) for image, dev in zip(images, ("vda", "vdb"))]
+    try:
+        info = guestlib.boot(libvirt_conn, name, guest_image["kernel"], guest_image["initrd"], disks=disks,
+                             agent=True, timeout=BOOT_TIMEOUT)
+        yield dict(name=name, images=images, dom=libvirt_conn.lookupByName(name), info=info)
+    finally:
+        guestlib.destroy(libvirt_conn, name, quiet=True)
+        for image in images:
+            lab.rbd("snap", "purge", "%s/%s" % (lab.pool, image), check=False)
+            lab.rbd("rm", "%s/%s" % (lab.pool, image), check=False)
+
+
+def agent(dom, command):
+    return json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps({"execute": command}), 10, 0))["return"]
+
+
+def run_role(lab, tmp_path, guest, **extra):
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("hypervisors:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
+    report = tmp_path / "report.json"
+    variables = dict(
+        vm_backup_domains=[guest["name"]], vm_backup_repository=str(tmp_path / "repo"),
+        vm_backup_ceph_conf=lab.ceph_conf, vm_backup_ceph_client=lab.backup_client,
+        vm_backup_keyring=lab.backup_keyring, vm_backup_freeze_mode="agent", vm_backup_on_freeze_failure="fail",
+        vm_backup_max_frozen_seconds=120, vm_backup_freeze_state_dir=str(tmp_path / "run"),
+        vm_backup_report=str(report))
+    variables.update(extra)
+    proc = playbook(os.path.join(ROOT, "playbooks", "vm_backup.yml"), variables, inventory=str(inventory))
+    return proc, json.loads(report.read_text())
+
+
+def parse_utc(text):
+    return datetime.datetime.strptime(text.replace("Z", "+0000").split(".")[0] + "+0000"
+                                      if "." in text else text.replace("Z", "+0000"), "%Y-%m-%dT%H:%M:%S%z")
+
+
+def test_one_freeze_for_all_disks_and_chains_restore(lab, two_disk_guest, tmp_path):
+    guest = two_disk_guest
+    proc, report = run_role(lab, tmp_path, guest)
+    (vm,) = report
+    assert vm["vm"] == guest["name"] and vm["error"] == ""
+    assert vm["consistency"] == "application", vm
+    assert len(vm["points"]) == 2 and sorted(vm["disks"]) == ["vda", "vdb"]
+    assert "frozen" in proc.stdout and vm["frozen_ms"] is not None and vm["frozen_ms"] < 120000
+    # both snapshots inside the one freeze window (Ceph timestamps have one-second resolution)
+    start = parse_utc(vm["frozen_at"]).replace(microsecond=0)
+    end = start + datetime.timedelta(milliseconds=vm["frozen_ms"], seconds=1)
+    assert len(vm["snapshot_times"]) == 2
+    for stamp in vm["snapshot_times"]:
+        assert start <= parse_utc(stamp) <= end, (stamp, vm["frozen_at"], vm["frozen_ms"])
+    # the guest was thawed
+    assert agent(guest["dom"], "guest-fsfreeze-status") == "thawed"
+    # each chain restores to its snapshot
+    for image in guest["images"]:
+        chain = tmp_path / "repo" / "ceph" / lab.pool / image
+        manifest = json.loads((chain / "manifest.json").read_text())
+        (point,) = manifest["points"]
+        assert point["snapshot"] == vm["snapshot"]
+        out = tmp_path / (image + ".raw")
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(chain / point["layer"]), str(out)], check=True)
+        exported = tmp_path / (image + ".export")
+        lab.rbd("export", "%s/%s@%s" % (lab.pool, image, vm["snapshot"]), str(exported))
+        assert sha256_file(out) == sha256_file(exported), image
+        xml = (chain / (point["name"] + ".domain.xml")).read_text()
+        assert "<name>%s</name>" % guest["name"] in xml and oct(os.stat(chain / (point["name"] + ".domain.xml")).st_mode & 0o777) == "0o600"
+
+
+def test_paused_guest_stays_paused_and_is_not_frozen(lab, two_disk_guest, tmp_path):
+    dom = two_disk_guest["dom"]
+    dom.suspend()
+    try:
+        _proc, report = run_role(lab, tmp_path, two_disk_guest)
+        (vm,) = report
+        assert vm["state"] == "paused" and vm["error"] == "" and len(vm["points"]) == 2
+        assert vm["frozen_at"] is None
+        assert dom.info()[0] == 3  # VIR_DOMAIN_PAUSED
+    finally:
+        dom.resume()
