@@ -1,0 +1,328 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: snapchain developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qcow2_chain_restore
+short_description: Restore one point of a disk's qcow2 chain to a new or existing RBD image, a file or a block device
+version_added: 0.1.0
+description:
+  - Picks one point of the disk's repository (O(chain)) by name, as the latest one, or as the latest one at or
+    before a time (O(before)), and writes what it reads as to exactly one destination, O(rbd), O(file) or O(device).
+  - The point is read through C(qemu-nbd --read-only) on its layer (QEMU resolves the backing chain). Its block
+    status tells data from zeroes; data is read and written in parallel (O(parallel)). Zero ranges are not written
+    at all on a new RBD image or a new file (they read as zeroes already); on an existing image (O(in_place)) and on
+    a device they are written as zeroes (RBD write-zeroes; C(fallocate) punch-hole, else C(BLKZEROOUT)), never skipped.
+  - A new RBD image is written under the name C(<image>.snapchain-partial) and renamed when complete; a file is
+    written to C(.<name>.partial) beside it, fsynced and renamed. An interrupted restore never leaves a partial image
+    or file under the final name; the next run removes the leftover.
+  - No repository lock is needed, QEMU's image locks keep retention from changing the layers being read, and a
+    backup running at the same time only adds a new layer. A restore is never blocked by a long backup.
+  - Every check (the point, bad marks, the destination's existence, size, use, free space) happens before anything
+    is written.
+author:
+  - snapchain developers (@snapchain)
+extends_documentation_fragment:
+  - snapchain.vmbackup.ceph
+attributes:
+  check_mode:
+    support: full
+    description: Chooses the point, checks the destination and reports what would be done, writing nothing.
+  diff_mode:
+    support: none
+    description: A restore has no meaningful before/after text.
+options:
+  chain:
+    description: The repository directory of the disk (the one holding C(manifest.json)).
+    type: path
+    required: true
+  point:
+    description:
+      - The point to restore, by name (a UTC stamp such as V(20261122T031500Z)), or V(latest).
+      - Omitted (and without O(before)), the latest point is restored.
+      - V(latest) and O(before) skip points that are marked bad or read through a point marked bad (RV(skipped_points)
+        says which); a bad point named here is refused unless O(allow_bad).
+    type: str
+  before:
+    description:
+      - Restore the latest point at or before this time, for example V(2026-11-20T03:00Z) ("the state before
+        the upgrade at 3 a.m. UTC"). A point's time is its name, the UTC time of the snapshot it was taken from.
+      - The time zone is required (V(Z), V(+01:00)...); a compact stamp like V(20261120T030000Z) works too. Quote it in
+        YAML.
+    type: str
+  allow_bad:
+    description: Allow restoring a point marked bad by verification (or one reading through such a point).
+    type: bool
+    default: false
+  rbd:
+    description:
+      - Restore into an RBD image. Without O(in_place) the image is created with the point's size; an existing one is
+        refused unless O(force), which replaces it (refused when it has snapshots or is open by a client).
+    type: dict
+    suboptions:
+      pool:
+        description: The pool of the image.
+        type: str
+        required: true
+      namespace:
+        description: The RBD namespace inside O(rbd.pool), if any.
+        type: str
+      image:
+        description: The image name.
+        type: str
+        required: true
+  in_place:
+    description:
+      - Roll the existing O(rbd) image back to the point, keeping its identity and snapshots. Needs O(force).
+      - Refused while any client has the image open (stop the VM first). The exclusive lock is taken, then a safety
+        snapshot C(snapchain-safety-<UTC stamp>) of the current state (kept; RV(safety_snapshot) names it), then the
+        image is resized to the point's size if needed and every byte is written (data and zeroes).
+    type: bool
+    default: false
+  file:
+    description:
+      - Restore into a file (raw or qcow2, see O(format)), refused when it exists unless O(force).
+      - A raw file is sparse (zero ranges are holes); a qcow2 file is made with C(qemu-img convert -O qcow2).
+    type: path
+  format:
+    description: Format of O(file).
+    type: str
+    choices: [raw, qcow2]
+  mode:
+    description: Mode of the restored O(file).
+    type: str
+    default: '0600'
+  device:
+    description:
+      - Restore onto an existing block device (an LV, a zvol, a disk), at least as large as the point; bytes past the
+        point's size are left as they are.
+      - Refused while it (or a partition of it) is mounted, used as swap or held by device-mapper/md/LVM, checked in
+        C(/proc/self/mountinfo), C(/proc/swaps) and its C(holders), and with an exclusive open, unless O(force).
+    type: path
+  force:
+    description:
+      - Replace an existing O(file) or RBD image, overwrite a device in use, and required by O(in_place).
+    type: bool
+    default: false
+  parallel:
+    description: Reads and writes in flight at once (1 to 64); memory is about O(parallel) x 8 MiB.
+    type: int
+    default: 8
+  progress_file:
+    description:
+      - A JSON file rewritten atomically about every 2 seconds while the restore runs, and a last time when it ends
+        (C(state) V(done) or V(failed)). Keys include C(phase), C(bytes_done), C(bytes_total) (the data to copy),
+        C(percent), C(rate_bytes_per_s), C(eta_seconds), C(zero_bytes_done), C(zero_bytes_total).
+      - Watch it while the task runs asynchronously, for example C(watch cat /var/tmp/restore.json).
+    type: path
+notes:
+  - Runs on the host that holds the repository; for O(rbd) it must reach the cluster (use a restricted cephx user,
+    C(profile rbd) on the target pool), and python3-rbd, python3-libnbd, qemu-img and qemu-nbd must be installed.
+  - The Ceph connection options are used only with O(rbd).
+seealso:
+  - module: snapchain.vmbackup.rbd_export_diff
+  - module: snapchain.vmbackup.rbd_import_diff
+"""
+
+EXAMPLES = r"""
+- name: Restore the latest point of a disk into a new RBD image
+  snapchain.vmbackup.qcow2_chain_restore:
+    chain: /backup/ceph/rbd/vm1-disk0
+    rbd:
+      pool: rbd
+      image: vm1-disk0-restored
+    ceph_client: backup
+    keyring: /etc/ceph/ceph.client.backup.keyring
+  register: restored
+
+- name: Roll a VM's disk back in place to the state before 03:00 UTC (the VM must be stopped)
+  snapchain.vmbackup.qcow2_chain_restore:
+    chain: /backup/ceph/rbd/vm1-disk0
+    before: "2026-11-20T03:00Z"
+    rbd:
+      pool: rbd
+      image: vm1-disk0
+    in_place: true
+    force: true
+    ceph_client: backup
+    keyring: /etc/ceph/ceph.client.backup.keyring
+  register: rollback   # rollback.safety_snapshot names the snapshot of the state it replaced
+
+- name: Restore a named point into a sparse raw file
+  snapchain.vmbackup.qcow2_chain_restore:
+    chain: /backup/ceph/rbd/vm1-disk0
+    point: 20261122T031500Z
+    file: /restore/vm1-disk0.raw
+
+- name: Restore the latest point as a standalone qcow2 file (replacing an older copy)
+  snapchain.vmbackup.qcow2_chain_restore:
+    chain: /backup/ceph/rbd/vm1-disk0
+    file: /restore/vm1-disk0.qcow2
+    format: qcow2
+    force: true
+
+- name: Restore onto an unmounted logical volume
+  snapchain.vmbackup.qcow2_chain_restore:
+    chain: /backup/ceph/rbd/vm1-disk0
+    point: latest
+    device: /dev/vg0/vm1-restored
+
+# A long restore: run it asynchronously and follow the progress file from another shell
+#   watch cat /var/tmp/vm1-restore.json
+- name: Restore a big disk in the background
+  snapchain.vmbackup.qcow2_chain_restore:
+    chain: /backup/ceph/rbd/db-disk0
+    rbd:
+      pool: rbd
+      image: db-disk0-restored
+    progress_file: /var/tmp/vm1-restore.json
+  async: 86400
+  poll: 0
+  register: restore_job
+
+- name: Wait for it
+  ansible.builtin.async_status:
+    jid: "{{ restore_job.ansible_job_id }}"
+  register: restore_result
+  until: restore_result is finished
+  retries: 8640
+  delay: 10
+"""
+
+RETURN = r"""
+point:
+  description: The name of the point restored.
+  returned: always
+  type: str
+  sample: 20261122T031500Z
+point_time:
+  description: The UTC time of that point.
+  returned: always
+  type: str
+  sample: "2026-11-22T03:15:00Z"
+point_info:
+  description: The manifest entry of the point (name, created, snapshot, size, segment, parent, bad).
+  returned: always
+  type: dict
+before:
+  description: O(before) as understood, in UTC; null without it.
+  returned: always
+  type: str
+skipped_points:
+  description: Newer points passed over because they are marked bad or read through a bad point, with the reason.
+  returned: always
+  type: list
+  elements: str
+chain_depth:
+  description: How many layers the point reads through (1 for a full backup).
+  returned: always
+  type: int
+chain:
+  description: The repository directory.
+  returned: always
+  type: str
+size:
+  description: The point's size in bytes (the size of the restored image, file or written part of the device).
+  returned: always
+  type: int
+destination:
+  description:
+    - Where the point was written. C(type) is V(rbd), V(file) or V(device); for rbd also C(pool), C(namespace),
+      C(image), C(spec), C(in_place), C(created), C(replaced); for a file C(path), C(format), C(replaced); for a
+      device C(path), C(device_size).
+  returned: always
+  type: dict
+would:
+  description: What the restore would do.
+  returned: in check mode
+  type: str
+safety_snapshot:
+  description: With O(in_place), the snapshot holding the image's state before the rollback (kept).
+  returned: always
+  type: str
+  sample: snapchain-safety-20261122T091500Z
+resized_from:
+  description: With O(in_place), the image's size before the rollback when it differed from the point's.
+  returned: when O(in_place) is used
+  type: int
+bytes_read:
+  description: Data bytes read from the chain (null for a qcow2 file, which C(qemu-img convert) writes).
+  returned: success, not in check mode
+  type: int
+bytes_written:
+  description: Data bytes written (for a qcow2 file, its allocated size).
+  returned: success, not in check mode
+  type: int
+zero_bytes_written:
+  description: Bytes written as zeroes (in-place and device restores).
+  returned: success, not in check mode
+  type: int
+zero_bytes_skipped:
+  description: Zero bytes not written because the new image or file already reads as zeroes there.
+  returned: success, not in check mode
+  type: int
+zero_method:
+  description: How zeroes were written, V(write_zeroes), V(punch_hole), V(blkzeroout) or V(write); null if none were.
+  returned: success, not in check mode
+  type: str
+extents:
+  description: Number of write and zero operations (null for a qcow2 file).
+  returned: success, not in check mode
+  type: int
+seconds:
+  description: Duration of the restore.
+  returned: success, not in check mode
+  type: float
+mb_per_s:
+  description: Throughput in MB/s (10^6 bytes) of the data read (of the file written for a qcow2 file).
+  returned: success, not in check mode
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._restore import restore
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=ceph_argument_spec(
+            chain=dict(type="path", required=True),
+            point=dict(type="str"),
+            before=dict(type="str"),
+            allow_bad=dict(type="bool", default=False),
+            rbd=dict(type="dict", options=dict(
+                pool=dict(type="str", required=True),
+                namespace=dict(type="str"),
+                image=dict(type="str", required=True),
+            )),
+            in_place=dict(type="bool", default=False),
+            file=dict(type="path"),
+            format=dict(type="str", choices=["raw", "qcow2"]),
+            mode=dict(type="str", default="0600"),
+            device=dict(type="path"),
+            force=dict(type="bool", default=False),
+            parallel=dict(type="int", default=8),
+            progress_file=dict(type="path"),
+        ),
+        mutually_exclusive=[("rbd", "file", "device"), ("point", "before")],
+        required_one_of=[("rbd", "file", "device")],
+        supports_check_mode=True,
+    )
+    try:
+        result = restore(module.params, check_mode=module.check_mode)
+    except SnapchainError as exc:
+        module.fail_json(**exc.to_result())
+    warnings = result.pop("warnings", [])
+    for warning in warnings:
+        module.warn(warning)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()

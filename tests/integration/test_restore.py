@@ -1,0 +1,503 @@
+"""qcow2_chain_restore and rbd_import_diff against the lab's real Ceph, qemu-nbd and qemu-img.
+
+A chain of several points (writes, discards, literal zeroes, a grow, a shrink) is built with
+rbd_export_diff from named snapshots p0..pN that are kept; EVERY point is restored to each kind of
+destination (new RBD image, raw file, qcow2 file, loop block device, in-place rollback) and must
+have the sha256 of `rbd export` of its snapshot.  Refusals must change nothing.  rbd_import_diff
+replays files written by the real `rbd export-diff` and must give what the real `rbd import-diff`
+gives.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import subprocess
+import uuid
+
+import pytest
+import rbd
+
+import module_runner
+from ansible_runner import lab_vars, playbook, pool_ioctx
+
+MiB = 1 << 20
+rng = random.Random(20261123)
+STEPS = ("initial", "writes+discard+zeroes", "grow", "shrink", "writes")
+
+
+def sha256_file(path, length=None):
+    h = hashlib.sha256()
+    left = length
+    with open(path, "rb") as fh:
+        while left is None or left > 0:
+            block = fh.read(4 * MiB if left is None else min(4 * MiB, left))
+            if not block:
+                break
+            h.update(block)
+            if left is not None:
+                left -= len(block)
+    return h.hexdigest()
+
+
+def rbd_sha(lab, spec, tmp_path):
+    out = tmp_path / ("export-" + uuid.uuid4().hex)
+    lab.rbd("export", "--no-progress", spec, str(out))
+    try:
+        return sha256_file(out)
+    finally:
+        out.unlink()
+
+
+def qcow2_sha(path, tmp_path):
+    out = tmp_path / ("raw-" + uuid.uuid4().hex)
+    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(out)], check=True)
+    try:
+        return sha256_file(out)
+    finally:
+        out.unlink()
+
+
+def image_names(lab):
+    with pool_ioctx(lab) as ioctx:
+        return rbd.RBD().list(ioctx)
+
+
+def snapshots(lab, image):
+    with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, image, read_only=True) as img:
+        return [s["name"] for s in img.list_snaps()]
+
+
+def remove_image(lab, name):
+    with pool_ioctx(lab) as ioctx:
+        try:
+            with rbd.Image(ioctx, name) as img:
+                for snap in list(img.list_snaps()):
+                    if img.is_protected_snap(snap["name"]):
+                        img.unprotect_snap(snap["name"])
+                    img.remove_snap(snap["name"])
+        except rbd.ImageNotFound:
+            return
+        rbd.RBD().remove(ioctx, name)
+
+
+def random_writes(img, count, size=4096):
+    blocks = img.size() // size
+    for _n in range(count):
+        img.write(rng.randbytes(size), rng.randrange(blocks) * size)
+
+
+@pytest.fixture(scope="module")
+def chain(lab, tmp_path_factory):
+    """A chain of len(STEPS) points of one image, and the sha256 of `rbd export` of each snapshot."""
+    work = tmp_path_factory.mktemp("restore")
+    name = "rst-src-" + uuid.uuid4().hex[:8]
+    with pool_ioctx(lab) as ioctx:
+        rbd.RBD().create(ioctx, name, 40 * MiB)
+    conn = dict(ceph_conf=lab.ceph_conf, ceph_client=lab.backup_client, keyring=lab.backup_keyring)
+    chain_dir = str(work / "repo" / name)
+    try:
+        with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, name) as img:
+            for n, step in enumerate(STEPS):
+                if step == "initial":
+                    img.write(rng.randbytes(6 * MiB), 0)
+                    img.write(b"snapchain restore text\n" * 30000, 20 * MiB)
+                elif step == "writes+discard+zeroes":
+                    random_writes(img, 150)
+                    img.discard(1 * MiB, 2 * MiB)
+                    img.write(bytes(256 * 1024), 21 * MiB)
+                elif step == "grow":
+                    img.resize(56 * MiB)
+                    img.write(rng.randbytes(2 * MiB), 50 * MiB)
+                elif step == "shrink":
+                    img.resize(32 * MiB)
+                elif step == "writes":
+                    random_writes(img, 60)
+                    img.write(rng.randbytes(MiB), 31 * MiB)
+                img.create_snap("p%d" % n)
+                module_runner.run("rbd_export_diff", dict(conn, pool=lab.pool, image=name, snapshot="p%d" % n,
+                                                          chain=chain_dir))
+        with open(os.path.join(chain_dir, "manifest.json")) as fh:
+            points = json.load(fh)["points"]
+        assert [p["snapshot"] for p in points] == ["p%d" % n for n in range(len(STEPS))]
+        shas = [rbd_sha(lab, "%s/%s@p%d" % (lab.pool, name, n), work) for n in range(len(STEPS))]
+        yield dict(dir=chain_dir, image=name, points=points, shas=shas, conn=conn, work=work)
+    finally:
+        remove_image(lab, name)
+
+
+def restore(chain, **args):
+    return module_runner.run("qcow2_chain_restore", dict(chain["conn"], chain=chain["dir"], **args))
+
+
+def restore_failing(chain, **args):
+    return module_runner.run("qcow2_chain_restore", dict(chain["conn"], chain=chain["dir"], **args),
+                             expect_failed=True)
+
+
+@contextlib.contextmanager
+def loop_device(path, size):
+    with open(path, "wb") as fh:
+        for _n in range(size // MiB):
+            fh.write(rng.randbytes(MiB))  # garbage: zero ranges must really be zeroed
+    dev = subprocess.run(["losetup", "--find", "--show", str(path)], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=False)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_every_point_to_a_new_rbd_image(lab, chain, tmp_path):
+    for n, point in enumerate(chain["points"]):
+        target = "rst-new-%d-%s" % (n, uuid.uuid4().hex[:6])
+        try:
+            r = restore(chain, point=point["name"], rbd=dict(pool=lab.pool, image=target),
+                        progress_file=str(tmp_path / "progress.json"))
+            assert r["point"] == point["name"] and r["chain_depth"] == n + 1
+            assert r["destination"]["created"] and not r["destination"]["replaced"]
+            assert r["zero_bytes_written"] == 0 and r["safety_snapshot"] is None
+            assert r["bytes_written"] <= r["bytes_read"] <= point["size"]
+            assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
+            with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, target, read_only=True) as img:
+                assert img.size() == point["size"] and list(img.list_snaps()) == []
+            progress = json.loads((tmp_path / "progress.json").read_text())
+            assert progress["state"] == "done" and progress["percent"] == 100.0
+            assert progress["bytes_done"] == progress["bytes_total"] == r["bytes_read"]
+        finally:
+            remove_image(lab, target)
+    assert not [i for i in image_names(lab) if i.endswith(".snapchain-partial")]
+
+
+def test_every_point_to_a_raw_file(chain, tmp_path):
+    for n, point in enumerate(chain["points"]):
+        dest = tmp_path / ("p%d.raw" % n)
+        r = restore(chain, point=point["name"], file=str(dest))
+        assert r["destination"] == dict(type="file", path=str(dest), format="raw", replaced=False)
+        assert os.path.getsize(dest) == point["size"]
+        assert sha256_file(dest) == chain["shas"][n], "point p%d" % n
+        assert os.stat(dest).st_blocks * 512 < point["size"]  # sparse: zero ranges are holes
+        assert oct(os.stat(dest).st_mode & 0o777) == "0o600"
+        assert r["zero_bytes_skipped"] > 0 and r["zero_bytes_written"] == 0
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
+
+
+def test_every_point_to_a_qcow2_file(chain, tmp_path):
+    for n, point in enumerate(chain["points"]):
+        dest = tmp_path / ("p%d.qcow2" % n)
+        restore(chain, point=point["name"], file=str(dest), format="qcow2", mode="0640")
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", str(dest)], check=True,
+                                         capture_output=True).stdout)
+        assert info["format"] == "qcow2" and "backing-filename" not in info
+        assert info["virtual-size"] == point["size"]
+        assert qcow2_sha(dest, tmp_path) == chain["shas"][n], "point p%d" % n
+        assert oct(os.stat(dest).st_mode & 0o777) == "0o640"
+
+
+def test_every_point_to_a_loop_device(chain, tmp_path):
+    biggest = max(p["size"] for p in chain["points"])
+    backing = tmp_path / "loop.img"
+    size = biggest + 8 * MiB
+    with loop_device(backing, size) as dev:
+        with open(dev, "rb") as fh:
+            fh.seek(biggest)
+            tail = hashlib.sha256(fh.read()).hexdigest()
+        for n in (4, 0, 2, 1, 3):  # shrinking and growing between restores
+            point = chain["points"][n]
+            r = restore(chain, point=point["name"], device=dev)
+            assert r["zero_method"] in ("punch_hole", "blkzeroout", "write")
+            assert r["zero_bytes_written"] > 0  # zero ranges are written on a device, never skipped
+            assert r["destination"]["device_size"] == size
+            assert sha256_file(dev, point["size"]) == chain["shas"][n], "point p%d" % n
+        with open(dev, "rb") as fh:
+            fh.seek(biggest)
+            assert hashlib.sha256(fh.read()).hexdigest() == tail  # past the point: untouched
+
+
+def test_device_refusals_change_nothing(chain, tmp_path):
+    point = chain["points"][-1]
+    with loop_device(tmp_path / "small.img", point["size"] - MiB) as dev:
+        before = sha256_file(dev)
+        r = restore_failing(chain, device=dev)
+        assert "too small" in r["msg"] and sha256_file(dev) == before
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with loop_device(tmp_path / "fs.img", 64 * MiB) as dev:
+        subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
+        subprocess.run(["mount", dev, str(mnt)], check=True)
+        try:
+            before = sha256_file(dev)
+            r = restore_failing(chain, device=dev)
+            assert "is mounted on %s" % mnt in r["msg"], r["msg"]
+            assert sha256_file(dev) == before
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    r = restore_failing(chain, device=str(tmp_path / "small.img"))
+    assert "not a block device" in r["msg"]
+
+
+def test_in_place_rollback_of_every_point_keeps_a_safety_snapshot(lab, chain, tmp_path):
+    target = "rst-inplace-" + uuid.uuid4().hex[:6]
+    with pool_ioctx(lab, "admin") as ioctx:
+        rbd.RBD().create(ioctx, target, 48 * MiB)
+        with rbd.Image(ioctx, target) as img:
+            img.write(rng.randbytes(48 * MiB), 0)  # garbage everywhere: every zero range must be written
+            img.create_snap("keepme")
+    safety = {}
+    try:
+        for n in (4, 0, 2, 1, 3):
+            point = chain["points"][n]
+            before = rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path)
+            r = restore(chain, point=point["name"], rbd=dict(pool=lab.pool, image=target), in_place=True, force=True)
+            assert r["safety_snapshot"].startswith("snapchain-safety-")
+            assert r["zero_method"] == "write_zeroes" and r["zero_bytes_written"] > 0
+            assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
+            safety[r["safety_snapshot"]] = before
+        snaps = snapshots(lab, target)
+        assert "keepme" in snaps and set(safety) <= set(snaps) and len(safety) == 5
+        for snap, sha in safety.items():
+            assert rbd_sha(lab, "%s/%s@%s" % (lab.pool, target, snap), tmp_path) == sha
+    finally:
+        remove_image(lab, target)
+
+
+def test_existing_targets_are_refused_and_unchanged(lab, chain, tmp_path):
+    target = "rst-exists-" + uuid.uuid4().hex[:6]
+    with pool_ioctx(lab, "admin") as ioctx:
+        rbd.RBD().create(ioctx, target, 16 * MiB)
+        with rbd.Image(ioctx, target) as img:
+            img.write(rng.randbytes(4 * MiB), 0)
+    spec = "%s/%s" % (lab.pool, target)
+    try:
+        before = rbd_sha(lab, spec, tmp_path)
+        dest = dict(pool=lab.pool, image=target)
+        r = restore_failing(chain, rbd=dest)
+        assert "already exists" in r["msg"] and "force" in r["msg"]
+        r = restore_failing(chain, rbd=dest, in_place=True)
+        assert "needs force: true" in r["msg"]
+        r = restore_failing(chain, rbd=dict(dest, image=target + "-nope"), in_place=True, force=True)
+        assert "does not exist" in r["msg"]
+        # a client holds it open (a running VM): both a rollback and a replace are refused
+        with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, target):
+            r = restore_failing(chain, rbd=dest, in_place=True, force=True)
+            assert "is open by" in r["msg"]
+            r = restore_failing(chain, rbd=dest, force=True)
+            assert "is open by" in r["msg"]
+        assert rbd_sha(lab, spec, tmp_path) == before and snapshots(lab, target) == []
+        # check mode says what would happen and changes nothing
+        would = module_runner.run("qcow2_chain_restore", dict(chain["conn"], chain=chain["dir"], rbd=dest,
+                                                              in_place=True, force=True), check_mode=True)
+        assert "roll back" in would["would"] and snapshots(lab, target) == []
+        # a snapshot makes a replace impossible (it would be lost): roll back in place instead
+        with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, target) as img:
+            img.create_snap("s1")
+        r = restore_failing(chain, rbd=dest, force=True)
+        assert "in_place: true" in r["msg"] and "snapshot" in r["msg"]
+        assert rbd_sha(lab, spec, tmp_path) == before
+        with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, target) as img:
+            img.remove_snap("s1")
+        # force replaces it (same name, new content, the point's size)
+        r = restore(chain, rbd=dest, force=True)
+        assert r["destination"]["replaced"] and r["point"] == chain["points"][-1]["name"]
+        assert rbd_sha(lab, spec, tmp_path) == chain["shas"][-1]
+    finally:
+        remove_image(lab, target)
+    # files
+    dest = tmp_path / "exists.raw"
+    dest.write_bytes(b"precious")
+    r = restore_failing(chain, file=str(dest))
+    assert "already exists" in r["msg"] and dest.read_bytes() == b"precious"
+    r = restore(chain, file=str(dest), force=True)
+    assert r["destination"]["replaced"] and sha256_file(dest) == chain["shas"][-1]
+
+
+def test_choosing_the_point(chain, tmp_path):
+    points = chain["points"]
+    names = [p["name"] for p in points]
+    out = str(tmp_path / "x.raw")
+    r = restore_failing(chain, point="20200101T000000Z", file=out)
+    assert "no point '20200101T000000Z'" in r["msg"]
+    assert all(name in r["msg"] for name in names) and r["available_points"] == names
+    r = restore_failing(chain, before="2001-01-01T00:00Z", file=out)
+    assert "no point at or before 2001-01-01T00:00:00Z" in r["msg"] and names[0] in r["msg"]
+    r = restore_failing(chain, before="2026-11-20 03:00", file=out)
+    assert "with a zone" in r["msg"]
+    r = restore_failing(chain, point=names[0], before="2030-01-01T00:00Z", file=out)
+    assert "mutually exclusive" in r["msg"]
+    assert not os.path.exists(out)
+
+    def chosen(**args):
+        return module_runner.run("qcow2_chain_restore", dict(chain["conn"], chain=chain["dir"], file=out, **args),
+                                 check_mode=True)["point"]
+
+    assert chosen() == names[-1]
+    assert chosen(point="latest") == names[-1]
+    assert chosen(before=names[-1]) == names[-1]
+    assert chosen(before="2999-01-01T00:00:00+02:00") == names[-1]
+    # rbd_export_diff names points after their snapshots' second; the newest at or before a time wins
+    assert chosen(before=names[0]) == names[0]
+    # a point marked bad (in a copy of the chain): skipped by latest/before, refused by name unless allow_bad
+    copy = tmp_path / "copy"
+    shutil.copytree(chain["dir"], copy)
+    with open(copy / "manifest.json") as fh:
+        doc = json.load(fh)
+    doc["points"][3]["bad"] = True
+    doc["points"][3]["extra"]["bad_reason"] = "digest mismatch"
+    with open(copy / "manifest.json", "w") as fh:
+        json.dump(doc, fh)
+    bad_chain = dict(chain, dir=str(copy))
+    r = module_runner.run("qcow2_chain_restore", dict(chain["conn"], chain=str(copy), file=out), check_mode=True)
+    assert r["point"] == names[2]  # 3 is bad and 4 reads through it
+    assert len(r["skipped_points"]) == 2 and "reads through bad point %s" % names[3] in r["skipped_points"][0]
+    r = restore_failing(bad_chain, point=names[3], file=out)
+    assert "marked bad" in r["msg"] and "digest mismatch" in r["msg"] and "allow_bad" in r["msg"]
+    r = restore(bad_chain, point=names[4], allow_bad=True, file=out)
+    assert sha256_file(out) == chain["shas"][4]
+    # a missing layer is named before anything is written
+    os.unlink(copy / points[1]["layer"])
+    r = restore_failing(bad_chain, point=names[2], file=str(tmp_path / "y.raw"))
+    assert "missing" in r["msg"] and points[1]["layer"] in r["msg"]
+    assert not os.path.exists(tmp_path / "y.raw")
+    r = module_runner.run("qcow2_chain_restore", dict(chain["conn"], chain=str(tmp_path / "nowhere"), file=out),
+                          expect_failed=True)
+    assert "does not exist" in r["msg"]
+
+
+def _diff_image(lab, name):
+    """An image with snapshots v1..v3: writes, a discard, literal zeroes, a grow, a shrink."""
+    with pool_ioctx(lab, "admin") as ioctx:
+        rbd.RBD().create(ioctx, name, 24 * MiB)
+        with rbd.Image(ioctx, name) as img:
+            img.write(rng.randbytes(5 * MiB), 0)
+            img.write(b"text " * 100000, 12 * MiB)
+            img.create_snap("v1")
+            random_writes(img, 80)
+            img.discard(MiB, MiB + 4096 * 3)
+            img.write(bytes(128 * 1024), 13 * MiB)
+            img.resize(40 * MiB)
+            img.write(rng.randbytes(MiB), 38 * MiB)
+            img.create_snap("v2")
+            img.resize(30 * MiB)
+            random_writes(img, 20)
+            img.create_snap("v3")
+
+
+def test_rbd_import_diff_replays_real_export_diff_like_rbd_import_diff(lab, tmp_path):
+    src = "rst-diffsrc-" + uuid.uuid4().hex[:6]
+    ours, theirs = src + "-ours", src + "-theirs"
+    _diff_image(lab, src)
+    conn = dict(ceph_conf=lab.ceph_conf, ceph_client=lab.backup_client, keyring=lab.backup_keyring, pool=lab.pool)
+    try:
+        files = []
+        for frm, to in ((None, "v1"), ("v1", "v2"), ("v2", "v3")):
+            path = str(tmp_path / ("%s_%s.rbddiff" % (frm, to)))
+            argv = ["export-diff", "--no-progress", "%s/%s@%s" % (lab.pool, src, to), path]
+            if frm:
+                argv[2:2] = ["--from-snap", frm]
+            lab.rbd(*argv)
+            files.append(path)
+        # refusals first: nothing may change
+        r = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=files), expect_failed=True)
+        assert "create: true" in r["msg"] and ours not in image_names(lab)
+        r = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=[files[0], files[2]], create=True),
+                              expect_failed=True)
+        assert "starts from snapshot v2" in r["msg"] and "in order" in r["msg"]
+        assert ours not in image_names(lab)
+        truncated = str(tmp_path / "truncated.rbddiff")
+        with open(files[1], "rb") as fh, open(truncated, "wb") as out:
+            out.write(fh.read()[:-1000])
+        r = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=[files[0], truncated], create=True),
+                              expect_failed=True)
+        assert "truncated" in r["msg"] and ours not in image_names(lab)
+        would = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=files, create=True), check_mode=True)
+        assert would["changed"] and would["created"] and would["would_apply"] == files
+        assert ours not in image_names(lab)
+        # ours, file by file, against the real rbd import-diff
+        lab.rbd("create", "--size", "1", "%s/%s" % (lab.pool, theirs))
+        for n, path in enumerate(files):
+            r = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=[path], create=(n == 0)))
+            assert r["changed"] and r["snapshots_created"] == ["v%d" % (n + 1)] and r["created"] == (n == 0)
+            lab.rbd("import-diff", "--no-progress", path, "%s/%s" % (lab.pool, theirs))
+        for n in range(1, 4):
+            expected = rbd_sha(lab, "%s/%s@v%d" % (lab.pool, src, n), tmp_path)
+            assert rbd_sha(lab, "%s/%s@v%d" % (lab.pool, ours, n), tmp_path) == expected, "v%d" % n
+            assert rbd_sha(lab, "%s/%s@v%d" % (lab.pool, theirs, n), tmp_path) == expected, "v%d" % n
+        ours_head = rbd_sha(lab, "%s/%s" % (lab.pool, ours), tmp_path)
+        assert ours_head == rbd_sha(lab, "%s/%s" % (lab.pool, theirs), tmp_path)
+        assert snapshots(lab, ours) == snapshots(lab, theirs) == ["v1", "v2", "v3"]
+        # like rbd import-diff, an existing to-snap is an error; skip_applied makes a rerun a no-op
+        r = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=files), expect_failed=True)
+        assert "already exists" in r["msg"]
+        r = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=files, skip_applied=True))
+        assert not r["changed"] and r["skipped"] == files
+        # all three files in one run into a fresh image (parallel writes, resizes between files)
+        fresh = src + "-fresh"
+        r = module_runner.run("rbd_import_diff", dict(conn, image=fresh, files=files, create=True, parallel=3,
+                                                      progress_file=str(tmp_path / "imp.json")))
+        assert [a["to_snap"] for a in r["applied"]] == ["v1", "v2", "v3"]
+        fresh_head = rbd_sha(lab, "%s/%s" % (lab.pool, fresh), tmp_path)
+        assert fresh_head == rbd_sha(lab, "%s/%s@v3" % (lab.pool, src), tmp_path)
+        assert json.loads((tmp_path / "imp.json").read_text())["state"] == "done"
+    finally:
+        for name in (src, ours, theirs, src + "-fresh"):
+            remove_image(lab, name)
+
+
+def test_restore_role_via_ansible_playbook(lab, chain, tmp_path):
+    target = "rst-role-" + uuid.uuid4().hex[:6]
+    progress = str(tmp_path / "role-progress.json")
+    common = lab_vars(lab, restore_ceph_conf=lab.ceph_conf, restore_ceph_client=lab.backup_client,
+                      restore_keyring=lab.backup_keyring, restore_chain=chain["dir"],
+                      restore_progress_file=progress, restore_poll_interval=1)
+    try:
+        # preflight: two destinations is refused before anything happens
+        proc = playbook("restore_role.yml", dict(common, restore_to_rbd=dict(pool=lab.pool, image=target),
+                                                 restore_to_file=str(tmp_path / "x.raw")), expect_rc=2)
+        assert "Set exactly one destination" in proc.stdout + proc.stderr
+        assert target not in image_names(lab)
+        proc = playbook("restore_role.yml", dict(common, restore_point=chain["points"][2]["name"],
+                                                 restore_to_rbd=dict(pool=lab.pool, image=target)))
+        assert "Restored point %s" % chain["points"][2]["name"] in proc.stdout
+        assert "Destination: RBD image %s/%s (new image)" % (lab.pool, target) in proc.stdout
+        assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][2]
+        assert json.loads(open(progress).read())["state"] == "done"
+        # in place, to the latest point: the summary names the safety snapshot
+        proc = playbook("restore_role.yml", dict(common, restore_to_rbd=dict(pool=lab.pool, image=target),
+                                                 restore_in_place=True, restore_force=True))
+        safety = [s for s in snapshots(lab, target) if s.startswith("snapchain-safety-")]
+        assert len(safety) == 1 and "%s/%s@%s" % (lab.pool, target, safety[0]) in proc.stdout
+        assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
+        # a failure is reported as such
+        proc = playbook("restore_role.yml", dict(common, restore_to_rbd=dict(pool=lab.pool, image=target)),
+                        expect_rc=2)
+        assert "RESTORE FAILED" in proc.stdout + proc.stderr and "already exists" in proc.stdout + proc.stderr
+    finally:
+        remove_image(lab, target)
+
+
+def test_leftovers_of_an_interrupted_restore_are_taken_over(lab, chain, tmp_path):
+    """A killed restore leaves <image>.snapchain-partial or .<file>.partial: the next run replaces them,
+    unless a client still has the partial image open (another restore running)."""
+    target = "rst-left-" + uuid.uuid4().hex[:6]
+    partial = target + ".snapchain-partial"
+    with pool_ioctx(lab, "admin") as ioctx:
+        rbd.RBD().create(ioctx, partial, 8 * MiB)
+    try:
+        with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, partial):
+            r = restore_failing(chain, rbd=dict(pool=lab.pool, image=target))
+            assert "another restore" in r["msg"] and target not in image_names(lab)
+        r = restore(chain, rbd=dict(pool=lab.pool, image=target))
+        assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
+        assert partial not in image_names(lab)
+    finally:
+        remove_image(lab, partial)
+        remove_image(lab, target)
+    dest = tmp_path / "disk.raw"
+    (tmp_path / ".disk.raw.partial").write_bytes(b"half a restore")
+    restore(chain, file=str(dest))
+    assert sha256_file(dest) == chain["shas"][-1] and sorted(os.listdir(tmp_path)) == ["disk.raw"]
