@@ -127,7 +127,7 @@ def _all_zero(data, zero_buf):
         return False
     if isinstance(data, (bytes, bytearray)):
         return data == (zero_buf if length == len(zero_buf) else bytes(length))
-    return memoryview(data).cast("B") == memoryview(zero_buf)[:length]
+    return bytes(data) == (zero_buf if length == len(zero_buf) else bytes(length))  # a copy + memcmp beats a view compare
 
 
 def _chunks(extents, chunk):
@@ -204,41 +204,62 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
             b += 1
         return out
 
+    def split_zero_blocks(ext, data):
+        """Runs of data and all-zero whole blocks inside one read: a changed object is often
+        mostly zeroes (librbd reports a new object from its start), and those must become
+        zero clusters, not stored data."""
+        view = memoryview(data)
+        runs = []
+        pos = 0
+        while pos < ext.length:
+            n = min(block_size - (ext.offset + pos) % block_size, ext.length - pos)
+            kind = ZERO if _all_zero(view[pos:pos + n], zero_buf) else DATA
+            if runs and runs[-1][0] == kind:
+                runs[-1][2] += n
+            else:
+                runs.append([kind, pos, n])
+            pos += n
+        return [(Extent(ext.offset + p, n, kind), None if kind == ZERO else view[p:p + n]) for kind, p, n in runs]
+
     def read(ext):
+        """The pieces to write for one extent: [(Extent, data or None for zeroes)]."""
         if ext.kind == ZERO:
-            return ext, None
+            return [(ext, None)]
         data = source.read(ext.offset, ext.length)
         if len(data) != ext.length:
             raise TransferError("short read at offset %d: %d of %d bytes" % (ext.offset, len(data), ext.length),
                                 offset=ext.offset)
         if _all_zero(data, zero_buf):
-            return Extent(ext.offset, ext.length, ZERO), None
-        return ext, data
+            return [(Extent(ext.offset, ext.length, ZERO), None)]
+        if block_size and not sink.ordered:
+            return split_zero_blocks(ext, data)
+        return [(ext, data)]
 
-    def emit(ext, data):
-        if data is None:
-            sink.zero(ext.offset, ext.length)
-            d = zero_range_digests(ext.offset, ext.length)
-        else:
-            sink.write(ext.offset, data)
-            d = digest_range(ext.offset, data)
-        with lock:
-            stats.extents += 1
-            if ext.kind == ZERO:
-                stats.zero_bytes += ext.length
+    def emit(pieces):
+        for ext, data in pieces:
+            if data is None:
+                sink.zero(ext.offset, ext.length)
+                d = zero_range_digests(ext.offset, ext.length)
             else:
-                stats.bytes_written += ext.length
-            digests.update(d)
+                sink.write(ext.offset, data)
+                d = digest_range(ext.offset, data)
+            with lock:
+                stats.extents += 1
+                if ext.kind == ZERO:
+                    stats.zero_bytes += ext.length
+                else:
+                    stats.bytes_written += ext.length
+                digests.update(d)
 
     def job(ext):
-        got, data = read(ext)
+        pieces = read(ext)
         with lock:
             if ext.kind == DATA:
                 stats.bytes_read += ext.length
         if not sink.ordered:
-            emit(got, data)
+            emit(pieces)
             return None
-        return got, data
+        return pieces
 
     window = collections.deque()
 
@@ -246,7 +267,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
         fut = window.popleft()
         res = fut.result()
         if res is not None:
-            emit(*res)
+            emit(res)
         if progress is not None:
             progress(stats)
 

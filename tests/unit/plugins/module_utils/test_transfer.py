@@ -110,3 +110,17 @@ def test_short_read_is_an_error():
 
     with pytest.raises(TransferError, match="short read"):
         copy_extents(Short(b"\x03" * B), [Extent(0, B)], MemSink(bytes(B)), parallel=1, chunk=B)
+
+
+def test_zero_blocks_inside_a_data_chunk_become_zero_writes():
+    """librbd reports a new object from its start: the zero blocks before the written one must
+    become zero clusters over the backing data, not stored data."""
+    data = bytearray(8 * B)
+    data[5 * B + 100:5 * B + 200] = b"\x07" * 100
+    data[7 * B:] = b"\x08" * B
+    sink = MemSink(b"\xff" * (8 * B))
+    stats, digests = copy_extents(MemSource(data), [Extent(0, 8 * B)], sink, parallel=2, chunk=8 * B, block_size=B)
+    assert bytes(sink.buf) == bytes(data)
+    assert sorted(sink.zeroed) == [(0, 5 * B), (6 * B, B)]
+    assert stats.bytes_written == 2 * B and stats.zero_bytes == 6 * B
+    assert [digests[i] == ZERO_DIGEST for i in range(8)] == [True] * 5 + [False, True, False]
