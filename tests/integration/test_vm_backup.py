@@ -125,3 +125,14 @@ def test_paused_guest_stays_paused_and_is_not_frozen(lab, two_disk_guest, tmp_pa
         assert dom.info()[0] == 3  # VIR_DOMAIN_PAUSED
     finally:
         dom.resume()
+
+
+def test_shut_off_guest_is_backed_up_without_freezing(lab, two_disk_guest, tmp_path):
+    """Last in this module: it powers the guest off (the fixture only tears it down afterwards)."""
+    dom = two_disk_guest["dom"]
+    dom.destroy()
+    _proc, report = run_role(lab, tmp_path, two_disk_guest)
+    (vm,) = report
+    assert vm["state"] == "shutoff" and vm["error"] == "" and len(vm["points"]) == 2
+    assert vm["frozen_at"] is None and vm["consistency"] == "stopped"
+    assert not dom.isActive()
