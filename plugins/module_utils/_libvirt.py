@@ -250,6 +250,68 @@ def agent_answers(dom, timeout=5):
     return agent_status(dom, timeout)[0]
 
 
+def find_domain(conn, name):
+    """The domain named ``name``, or None when there is none (other failures raise LibvirtError)."""
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise LibvirtError("cannot look up domain %r: %s" % (name, _error_text(exc)), domain=name,
+                           code=_error_code(exc))
+
+
+def create_transient(conn, dom_xml):
+    """Start a TRANSIENT domain from ``dom_xml`` (``virsh create``): gone for good once destroyed."""
+    try:
+        return conn.createXML(dom_xml, 0)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError("libvirt could not create the domain: %s" % _error_text(exc), code=_error_code(exc))
+
+
+def define_domain(conn, dom_xml):
+    """Define a PERSISTENT domain from ``dom_xml`` (``virsh define``), not started."""
+    try:
+        return conn.defineXML(dom_xml)
+    except libvirt.libvirtError as exc:
+        raise LibvirtError("libvirt could not define the domain: %s" % _error_text(exc), code=_error_code(exc))
+
+
+def start_domain(dom):
+    """Start a defined, shut-off domain (``virsh start``)."""
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        raise LibvirtError("cannot start domain %s: %s" % (dom.name(), _error_text(exc)), domain=dom.name(),
+                           code=_error_code(exc))
+    return dom
+
+
+def destroy_and_undefine(dom):
+    """Power off (``virsh destroy``) if running, then undefine if persistent, with its managed save,
+    snapshot/checkpoint metadata and NVRAM.  Returns (destroyed, undefined)."""
+    name = dom.name()
+    destroyed = undefined = False
+    try:
+        persistent = bool(dom.isPersistent())
+        if dom.isActive():
+            dom.destroy()
+            destroyed = True
+        if persistent:
+            flags = 0
+            for flag in ("VIR_DOMAIN_UNDEFINE_MANAGED_SAVE", "VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA",
+                         "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", "VIR_DOMAIN_UNDEFINE_NVRAM"):
+                flags |= getattr(libvirt, flag, 0)
+            dom.undefineFlags(flags)
+            undefined = True
+    except libvirt.libvirtError as exc:
+        if _error_code(exc) == libvirt.VIR_ERR_NO_DOMAIN:  # went away meanwhile (a transient one, destroyed)
+            return destroyed, undefined
+        raise LibvirtError("cannot remove domain %s: %s" % (name, _error_text(exc)), domain=name,
+                           code=_error_code(exc))
+    return destroyed, undefined
+
+
 # --------------------------------------------------------------------------------------------
 # Parsing a domain XML (pure: no libvirt, no host access)
 
