@@ -19,14 +19,16 @@ from __future__ import annotations
 import os
 import tempfile
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     InputError, NotFoundError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
-    DEFAULT_CHUNK, DiffStreamSink, align_to_blocks, copy_extents)
+    DEFAULT_CHUNK, DiffStreamSink, NbdSink, align_to_blocks, copy_extents)
 
 GRANULARITIES = ("auto", "exact", "object")
 
@@ -197,11 +199,6 @@ def choose_base(repo, params, snaps, image_id):
 
 def backup_to_chain(params, check_mode=False):
     """``chain`` mode: append one point (a qcow2 layer) to the disk's repository."""
-    # Imported here: the file mode must work on hosts without qemu-nbd/libnbd.
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import NbdSink
-
     check_common(params)
     prefix = params.get("prefix") or _naming.DEFAULT_PREFIX
     dir_mode = parse_mode(params.get("dir_mode") or "0700", "dir_mode")
@@ -231,7 +228,7 @@ def backup_to_chain(params, check_mode=False):
                     snapshot = created = _naming.unique_managed_name(names, prefix)
                     _rbd.create_snapshot(head, snapshot)
                 try:
-                    point = _append_point(sess, repo, image, snapshot, parent, params, parallel, _chain, _nbd, NbdSink)
+                    point = _append_point(sess, repo, image, snapshot, parent, params, parallel)
                 except BaseException:
                     if created:
                         _rbd.remove_snapshot(head, created)
@@ -262,7 +259,7 @@ def _check_mode_result(result, repo, params, snaps, image_id):
     return result
 
 
-def _append_point(sess, repo, image, snapshot, parent, params, parallel, _chain, _nbd, NbdSink):
+def _append_point(sess, repo, image, snapshot, parent, params, parallel):
     from_snapshot = parent["snapshot"] if parent else None
     with sess.image(image, snapshot=snapshot) as img:
         snap = [s for s in _rbd.list_snapshots(img) if s["name"] == snapshot][0]

@@ -172,6 +172,7 @@ mb_per_s:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
@@ -205,6 +206,8 @@ def main():
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
+    if module.params["chain"] and not _nbd.HAS_NBD:
+        module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
     try:
         if module.params["chain"]:
             result = backup_to_chain(module.params, check_mode=module.check_mode)
