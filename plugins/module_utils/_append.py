@@ -52,10 +52,11 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import (
     ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     ConflictError, DiffFormatError, InputError, NotFoundError, RepositoryError, TransferError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qemu_img import CACHE_MODES
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, scan
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import DEFAULT_CHUNK, Stats
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import DEFAULT_CHUNK, NbdSink, Stats
 
 MAX_PARALLEL = 64
 _ZERO_CHUNK = bytes(DEFAULT_CHUNK)
@@ -63,17 +64,6 @@ _ZERO_CHUNK = bytes(DEFAULT_CHUNK)
 
 # --------------------------------------------------------------------------------------------
 # Small generic helpers (candidates for _transfer/_chain)
-
-
-def parse_mode(value, what):
-    """An octal mode string such as ``'0700'`` -> int (InputError otherwise)."""
-    try:
-        mode = int(str(value), 8)
-    except ValueError:
-        raise InputError("%s %r is not an octal mode like '0700'" % (what, value))
-    if mode & ~0o7777:
-        raise InputError("%s %r is out of range" % (what, value))
-    return mode
 
 
 def is_zero(data):
@@ -157,22 +147,6 @@ class RawSource:
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
-
-
-class NbdTarget:
-    """write / zero / read on an NbdPool (the new layer), callable from worker threads."""
-
-    def __init__(self, pool):
-        self.pool = pool
-
-    def write(self, offset, data):
-        self.pool.pwrite(data, offset)
-
-    def zero(self, offset, length):
-        self.pool.zero(offset, length)
-
-    def read(self, offset, length):
-        return self.pool.pread(length, offset)
 
 
 class _Window:
@@ -584,7 +558,7 @@ def _write_source_point(repo, src, name, parent, base, reason, params, opts):
         with _serve(pending, opts) as server:
             pool = server.pool(opts["parallel"])
             try:
-                stats, digests = scan_source(src, NbdTarget(pool), base=base, parallel=opts["parallel"],
+                stats, digests = scan_source(src, NbdSink(pool), base=base, parallel=opts["parallel"],
                                              digest=repo.block_digest,
                                              block_size=repo.block_size)
                 pool.flush()
@@ -603,7 +577,7 @@ def _write_diff_point(repo, reader, name, parent, reason, snapshot, params, opts
         with _serve(pending, opts) as server:
             pool = server.pool(opts["parallel"])
             try:
-                stats, digests, readback = replay_diff(reader, NbdTarget(pool), digest=repo.block_digest,
+                stats, digests, readback = replay_diff(reader, NbdSink(pool), digest=repo.block_digest,
                                                        parent_size=parent and parent["size"],
                                                        parallel=opts["parallel"], block_size=repo.block_size)
                 pool.flush()

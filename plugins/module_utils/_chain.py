@@ -52,6 +52,7 @@ except ImportError:
     HAS_XXHASH = False
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._naming import parse_managed
@@ -91,14 +92,6 @@ def check_point_name(name):
 def utc_iso(when=None):
     when = when or datetime.datetime.now(datetime.timezone.utc)
     return when.astimezone(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_file(path):

@@ -41,6 +41,7 @@ import traceback
 import xml.etree.ElementTree as ET
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     CommandError, InputError, NotFoundError, SnapchainError)
@@ -855,14 +856,6 @@ def disks_info(params):
 # --------------------------------------------------------------------------------------------
 # The libvirt_domain_xml module
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic(dest, data, mode=0o600):
     """Replace ``dest`` with ``data`` (bytes): temp file in the same directory, fsync, rename, fsync dir."""
     directory = os.path.dirname(os.path.abspath(dest))
@@ -877,7 +870,7 @@ def write_atomic(dest, data, mode=0o600):
         fd = None
         os.rename(tmp, dest)
         tmp = None
-        _fsync_dir(directory)
+        fsync_dir(directory)
     finally:
         if fd is not None:
             os.close(fd)

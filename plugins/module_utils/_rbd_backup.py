@@ -25,6 +25,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     InputError, NotFoundError, TransferError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir, parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
@@ -133,9 +134,9 @@ def export_diff_file(params, check_mode=False):
                     writer.end()
                     fh.flush()
                     os.fsync(fh.fileno())
-                os.chmod(tmp, int(params.get("file_mode") or "0600", 8))
+                os.chmod(tmp, parse_mode(params.get("file_mode") or "0600", "file_mode"))
                 os.rename(tmp, dest)
-                _fsync_dir(dest_dir)
+                fsync_dir(dest_dir)
             except BaseException:
                 try:
                     os.unlink(tmp)
@@ -146,24 +147,6 @@ def export_diff_file(params, check_mode=False):
     result["size"] = source.size
     result["stream_bytes"] = os.path.getsize(dest)
     return result
-
-
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def parse_mode(value, what):
-    try:
-        mode = int(str(value), 8)
-    except ValueError:
-        raise InputError("%s %r is not an octal mode like '0700'" % (what, value))
-    if mode & ~0o7777:
-        raise InputError("%s %r is out of range" % (what, value))
-    return mode
 
 
 def _point_source(sess, image, img, snap):

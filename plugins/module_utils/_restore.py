@@ -54,6 +54,7 @@ import time
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     CommandError, ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError, TransferError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir, parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, total
 
 DEFAULT_CHUNK = 4 << 20
@@ -669,14 +670,6 @@ def nocache_flag():
     return getattr(rados, "LIBRADOS_OP_FLAG_FADVISE_NOCACHE", 0)
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _free_bytes(directory):
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
@@ -688,16 +681,6 @@ def _human(n):
             return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
         n /= 1024.0
     return str(n)
-
-
-def parse_mode(value):
-    try:
-        mode = int(str(value), 8)
-    except ValueError:
-        raise InputError("mode %r is not an octal mode like '0600'" % (value,))
-    if mode & ~0o7777:
-        raise InputError("mode %r is out of range" % (value,))
-    return mode
 
 
 class FileTarget:
@@ -766,7 +749,7 @@ class FileTarget:
             raise ConflictError("%s appeared during the restore; it was not replaced (force is false)" % self.path,
                                 path=self.path)
         os.rename(self.temp, self.path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._release()
 
     def abort(self):

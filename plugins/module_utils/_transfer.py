@@ -316,6 +316,9 @@ class NbdSink:
     def zero(self, offset, length):
         self.pool.zero(offset, length)
 
+    def read(self, offset, length):
+        return self.pool.pread(length, offset)
+
 
 class FileSource:
     """A local raw file or block device read with os.pread (thread-safe, releases the GIL)."""
