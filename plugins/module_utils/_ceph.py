@@ -46,6 +46,15 @@ def ceph_argument_spec(**spec):
     return merged
 
 
+def image_argument_spec(**spec):
+    """The Ceph options plus ``pool``, ``namespace`` and ``image`` (modules acting on one image)."""
+    return ceph_argument_spec(
+        pool=dict(type="str", required=True),
+        namespace=dict(type="str"),
+        image=dict(type="str", required=True),
+        **spec)
+
+
 def ceph_params(params):
     """The Ceph connection options out of a module's params."""
     return dict((k, params.get(k)) for k in CEPH_OPTION_NAMES)

@@ -211,7 +211,7 @@ removed_files:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _instant, _libvirt
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 
 
 def main():
@@ -243,10 +243,7 @@ def main():
     params = dict(module.params)
     if params["before"] and params["point"] == "latest":
         params["point"] = None
-    try:
-        result = _instant.instant_restore(params, check_mode=module.check_mode)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: _instant.instant_restore(params, check_mode=module.check_mode))
     module.exit_json(**result)
 
 

@@ -325,7 +325,7 @@ unmatched:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 
 
 def main():
@@ -345,10 +345,7 @@ def main():
         module.fail_json(msg=missing_required_lib("libvirt (python3-libvirt)"), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
     if module.params["query"] and not _libvirt.HAS_JMESPATH:
         module.fail_json(msg=missing_required_lib("jmespath"), exception=_libvirt.JMESPATH_IMPORT_ERROR)
-    try:
-        result = _libvirt.disks_info(module.params)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: _libvirt.disks_info(module.params))
     module.exit_json(**result)
 
 

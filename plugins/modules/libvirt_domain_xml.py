@@ -77,7 +77,7 @@ sha256:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 
 
 def main():
@@ -91,10 +91,7 @@ def main():
     )
     if not _libvirt.HAS_LIBVIRT:
         module.fail_json(msg=missing_required_lib("libvirt (python3-libvirt)"), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
-    try:
-        result = _libvirt.save_inactive_xml(module.params, check_mode=module.check_mode)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: _libvirt.save_inactive_xml(module.params, check_mode=module.check_mode))
     diff = result.pop("diff")
     if module._diff and result["changed"]:
         result["diff"] = diff

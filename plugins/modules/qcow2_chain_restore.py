@@ -285,7 +285,7 @@ mb_per_s:
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._restore import restore
 
 
@@ -314,10 +314,7 @@ def main():
         required_one_of=[("rbd", "file", "device")],
         supports_check_mode=True,
     )
-    try:
-        result = restore(module.params, check_mode=module.check_mode)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: restore(module.params, check_mode=module.check_mode))
     warnings = result.pop("warnings", [])
     for warning in warnings:
         module.warn(warning)

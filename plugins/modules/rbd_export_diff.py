@@ -174,17 +174,14 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_backup import backup_to_chain, export_diff_file
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=ceph_argument_spec(
-            pool=dict(type="str", required=True),
-            namespace=dict(type="str"),
-            image=dict(type="str", required=True),
+        argument_spec=image_argument_spec(
             snapshot=dict(type="str"),
             from_snapshot=dict(type="str"),
             chain=dict(type="path"),
@@ -208,13 +205,8 @@ def main():
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
     if module.params["chain"] and not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
-    try:
-        if module.params["chain"]:
-            result = backup_to_chain(module.params, check_mode=module.check_mode)
-        else:
-            result = export_diff_file(module.params, check_mode=module.check_mode)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    action = backup_to_chain if module.params["chain"] else export_diff_file
+    result = run(module, lambda: action(module.params, check_mode=module.check_mode))
     module.exit_json(**result)
 
 

@@ -88,7 +88,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_image_info import image_info
 
 
@@ -104,10 +104,7 @@ def main():
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
-    try:
-        result = image_info(module.params)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: image_info(module.params))
     module.exit_json(**result)
 
 

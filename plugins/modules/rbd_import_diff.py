@@ -152,17 +152,14 @@ seconds:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_import import import_diffs
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=ceph_argument_spec(
-            pool=dict(type="str", required=True),
-            namespace=dict(type="str"),
-            image=dict(type="str", required=True),
+        argument_spec=image_argument_spec(
             files=dict(type="list", elements="path", required=True),
             create=dict(type="bool", default=False),
             skip_applied=dict(type="bool", default=False),
@@ -175,10 +172,7 @@ def main():
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
-    try:
-        result = import_diffs(module.params, check_mode=module.check_mode)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: import_diffs(module.params, check_mode=module.check_mode))
     module.exit_json(**result)
 
 

@@ -142,17 +142,14 @@ snapshots:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_snapshot import ensure_snapshots
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=ceph_argument_spec(
-            pool=dict(type="str", required=True),
-            namespace=dict(type="str"),
-            image=dict(type="str", required=True),
+        argument_spec=image_argument_spec(
             name=dict(type="str"),
             prefix=dict(type="str", default="snapchain-"),
             state=dict(type="str", choices=["present", "absent"], default="present"),
@@ -163,10 +160,7 @@ def main():
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
-    try:
-        result = ensure_snapshots(module.params, check_mode=module.check_mode)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: ensure_snapshots(module.params, check_mode=module.check_mode))
     if not module._diff:
         result.pop("diff", None)
     module.exit_json(**result)

@@ -95,27 +95,21 @@ fast_diff:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_snapshot import snapshot_info
 
 
 def main():
     module = AnsibleModule(
-        argument_spec=ceph_argument_spec(
-            pool=dict(type="str", required=True),
-            namespace=dict(type="str"),
-            image=dict(type="str", required=True),
+        argument_spec=image_argument_spec(
             prefix=dict(type="str", default="snapchain-"),
         ),
         supports_check_mode=True,
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
-    try:
-        result = snapshot_info(module.params)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: snapshot_info(module.params))
     module.exit_json(**result)
 
 

@@ -237,7 +237,7 @@ actions:
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _freeze
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 
 
 def main():
@@ -257,10 +257,7 @@ def main():
     )
     if not _freeze.HAS_LIBVIRT:
         module.fail_json(msg=missing_required_lib("libvirt (python3-libvirt)"), exception=_freeze.LIBVIRT_IMPORT_ERROR)
-    try:
-        result = _freeze.ensure(module.params, check_mode=module.check_mode)
-    except SnapchainError as exc:
-        module.fail_json(**exc.to_result())
+    result = run(module, lambda: _freeze.ensure(module.params, check_mode=module.check_mode))
     if result.get("failure"):
         module.warn("%s; carrying on crash-consistent (on_failure=continue)" % result["failure"])
     if result.get("filesystems_frozen") == 0 and result.get("changed"):
