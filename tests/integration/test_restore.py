@@ -228,8 +228,10 @@ def test_device_refusals_change_nothing(chain, tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     with loop_device(tmp_path / "fs.img", 64 * MiB) as dev:
-        subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True)
-        subprocess.run(["mount", dev, str(mnt)], check=True)
+        # No lazy init and a read-only mount: a mounted ext4 otherwise writes to the device by
+        # itself (inode tables, superblock), and "nothing changed" could not be asserted.
+        subprocess.run(["mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", dev], check=True)
+        subprocess.run(["mount", "-o", "ro", dev, str(mnt)], check=True)
         try:
             before = sha256_file(dev)
             r = restore_failing(chain, device=dev)
