@@ -21,12 +21,11 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
-import os
 import threading
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import ZERO_DIGEST, block_digest
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
 
 DEFAULT_CHUNK = 4 << 20
@@ -318,25 +317,3 @@ class NbdSink:
 
     def read(self, offset, length):
         return self.pool.pread(length, offset)
-
-
-class FileSource:
-    """A local raw file or block device read with os.pread (thread-safe, releases the GIL)."""
-
-    def __init__(self, path):
-        try:
-            self.fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise SnapchainError("cannot open source %s: %s" % (path, exc.strerror))
-        self.path = path
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
-
-    def read(self, offset, length):
-        try:
-            return os.pread(self.fd, length, offset)
-        except OSError as exc:
-            raise TransferError("read of %s at offset %d failed: %s" % (self.path, offset, exc.strerror),
-                                offset=offset)
-
-    def close(self):
-        os.close(self.fd)
