@@ -82,6 +82,16 @@ RUN_FIELDS = {
 _COUNTERS = ("bytes_read", "bytes_written", "zero_bytes", "extents")
 
 
+def repository_argument_spec():
+    """Options of modules writing a repository, documented by the snapchain.vmbackup.repository fragment."""
+    return dict(
+        dir_mode=dict(type="str", default="0700"),
+        file_mode=dict(type="str", default="0600"),
+        parallel=dict(type="int", default=8),
+        nbd_cache=dict(type="str", choices=list(_qemu_img.CACHE_MODES), default="none"),
+    )
+
+
 def check_point_name(name):
     """A point name is a bare UTC stamp such as ``20261122T031500Z``; anything else is refused."""
     if not isinstance(name, str) or parse_managed(name, prefix="") is None:

@@ -162,6 +162,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._append import append_point
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import repository_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 
 
@@ -174,11 +175,7 @@ def main():
             snapshot_name=dict(type="str"),
             point_name=dict(type="str"),
             force_full=dict(type="bool", default=False),
-            dir_mode=dict(type="str", default="0700"),
-            file_mode=dict(type="str", default="0600"),
-            parallel=dict(type="int", default=8),
-            nbd_cache=dict(type="str", choices=["none", "writeback", "writethrough", "directsync", "unsafe"],
-                           default="none"),
+            **repository_argument_spec()
         ),
         mutually_exclusive=[("source", "diff")],
         required_one_of=[("source", "diff")],

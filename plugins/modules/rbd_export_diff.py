@@ -175,6 +175,7 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import repository_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_backup import backup_to_chain, export_diff_file
 
@@ -191,11 +192,7 @@ def main():
             prefix=dict(type="str", default="snapchain-"),
             prune_snapshots=dict(type="bool", default=True),
             granularity=dict(type="str", choices=["auto", "exact", "object"], default="auto"),
-            dir_mode=dict(type="str", default="0700"),
-            file_mode=dict(type="str", default="0600"),
-            parallel=dict(type="int", default=8),
-            nbd_cache=dict(type="str", choices=["none", "writeback", "writethrough", "directsync", "unsafe"],
-                           default="none"),
+            **repository_argument_spec()
         ),
         mutually_exclusive=[("chain", "dest")],
         required_one_of=[("chain", "dest")],
