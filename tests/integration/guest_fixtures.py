@@ -121,6 +121,26 @@ def libvirt_conn(lab):
     conn.close()
 
 
+def two_rbd_disks(lab, name, work, marker=None):
+    """Import ``<name>-root`` (48 MiB ext4) and ``<name>-data`` (32 MiB: 8 MiB random, then
+    ``marker`` = (offset, bytes) if given) into the lab pool; return the two image names."""
+    images = [name + "-root", name + "-data"]
+    raw = work / "disk.raw"
+    with open(raw, "wb") as fh:
+        fh.truncate(48 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "snaptest", str(raw)], check=True)
+    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[0]))
+    with open(raw, "wb") as fh:
+        fh.write(os.urandom(8 << 20))
+        if marker:
+            fh.seek(marker[0])
+            fh.write(marker[1])
+        fh.truncate(32 << 20)
+    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[1]))
+    raw.unlink()
+    return images
+
+
 def _ext4_qcow2(path, size_mib=64):
     raw = str(path) + ".raw"
     with open(raw, "wb") as fh:

@@ -23,7 +23,7 @@ import pytest
 import guest as guestlib
 import module_runner
 from ansible_runner import ROOT, playbook
-from guest_fixtures import BOOT_TIMEOUT
+from guest_fixtures import BOOT_TIMEOUT, two_rbd_disks
 
 MARKER = b"SNAPCHAIN-INSTANT-MARKER-0123456789"
 MARKER_OFFSET = 20 << 20
@@ -63,19 +63,7 @@ def backed_up_vm(lab, libvirt_conn, guest_image, tmp_path_factory):
     """A defined (never started) two-RBD-disk VM, backed up once by the vm_backup role."""
     name = "snaptest-irsrc-" + uuid.uuid4().hex[:6]
     work = tmp_path_factory.mktemp("ir")
-    images = [name + "-root", name + "-data"]
-    raw = work / "disk.raw"
-    with open(raw, "wb") as fh:
-        fh.truncate(48 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "snaptest", str(raw)], check=True)
-    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[0]))
-    with open(raw, "wb") as fh:
-        fh.write(os.urandom(8 << 20))
-        fh.seek(MARKER_OFFSET)
-        fh.write(MARKER)
-        fh.truncate(32 << 20)
-    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[1]))
-    raw.unlink()
+    images = two_rbd_disks(lab, name, work, marker=(MARKER_OFFSET, MARKER))
     secret = own_ceph_secret(libvirt_conn, lab.backup_client,
                              guestlib.read_keyring_key(lab.backup_keyring, lab.backup_client))
     disks = [guestlib.rbd_disk("%s/%s" % (lab.pool, image), lab.mon_addr, user=lab.backup_client,

@@ -18,7 +18,7 @@ import pytest
 
 import guest as guestlib
 from ansible_runner import ROOT, playbook
-from guest_fixtures import BOOT_TIMEOUT
+from guest_fixtures import BOOT_TIMEOUT, two_rbd_disks
 
 
 def sha256_file(path):
@@ -33,17 +33,7 @@ def sha256_file(path):
 def two_disk_guest(lab, libvirt_conn, guest_image, tmp_path_factory):
     name = "snaptest-vm-" + uuid.uuid4().hex[:6]
     work = tmp_path_factory.mktemp("vm")
-    images = [name + "-root", name + "-data"]
-    raw = work / "root.raw"
-    with open(raw, "wb") as fh:
-        fh.truncate(48 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "snaptest", str(raw)], check=True)
-    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[0]))
-    with open(raw, "wb") as fh:
-        fh.write(os.urandom(8 << 20))
-        fh.truncate(32 << 20)
-    lab.rbd("import", str(raw), "%s/%s" % (lab.pool, images[1]))
-    raw.unlink()
+    images = two_rbd_disks(lab, name, work)
     secret = guestlib.define_ceph_secret(libvirt_conn, lab.backup_client,
                                          guestlib.read_keyring_key(lab.backup_keyring, lab.backup_client))
     disks = [guestlib.rbd_disk("%s/%s" % (lab.pool, image), lab.mon_addr, user=lab.backup_client,
