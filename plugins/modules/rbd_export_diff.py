@@ -24,6 +24,7 @@ author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
   - snapchain.vmbackup.ceph
+  - snapchain.vmbackup.rbd_image
   - snapchain.vmbackup.repository
 attributes:
   check_mode:
@@ -33,17 +34,6 @@ attributes:
     support: none
     description: A backup has no meaningful before/after text; see the returned counters.
 options:
-  pool:
-    description: The pool holding the image.
-    type: str
-    required: true
-  namespace:
-    description: The RBD namespace inside O(pool), if any.
-    type: str
-  image:
-    description: The image name.
-    type: str
-    required: true
   snapshot:
     description:
       - The snapshot to back up (for example one taken by M(snapchain.vmbackup.rbd_snapshot) while the

@@ -23,6 +23,7 @@ author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
   - snapchain.vmbackup.ceph
+  - snapchain.vmbackup.rbd_image
 attributes:
   check_mode:
     support: full
@@ -31,17 +32,6 @@ attributes:
     support: none
     description: Not applicable.
 options:
-  pool:
-    description: The pool of the image.
-    type: str
-    required: true
-  namespace:
-    description: The RBD namespace inside O(pool), if any.
-    type: str
-  image:
-    description: The image to write into.
-    type: str
-    required: true
   files:
     description: The C(rbd diff v1) files, oldest first (a full diff, then the incrementals that follow it).
     type: list

@@ -20,6 +20,7 @@ author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
   - snapchain.vmbackup.ceph
+  - snapchain.vmbackup.rbd_image
 attributes:
   check_mode:
     support: full
@@ -28,17 +29,6 @@ attributes:
     support: full
     description: Shows the list of snapshot names before and after.
 options:
-  pool:
-    description: The pool holding the image.
-    type: str
-    required: true
-  namespace:
-    description: The RBD namespace inside O(pool), if any.
-    type: str
-  image:
-    description: The image name.
-    type: str
-    required: true
   name:
     description:
       - The snapshot name.

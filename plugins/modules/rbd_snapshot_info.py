@@ -16,22 +16,12 @@ author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
   - snapchain.vmbackup.ceph
+  - snapchain.vmbackup.rbd_image
 attributes:
   check_mode:
     support: full
     description: Changes nothing in any mode.
 options:
-  pool:
-    description: The pool holding the image.
-    type: str
-    required: true
-  namespace:
-    description: The RBD namespace inside O(pool), if any.
-    type: str
-  image:
-    description: The image name.
-    type: str
-    required: true
   prefix:
     description: Prefix of managed snapshot names.
     type: str
