@@ -49,14 +49,14 @@ import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import (
-    ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
+    WRITERS, ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     ConflictError, DiffFormatError, InputError, NotFoundError, RepositoryError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qemu_img import CACHE_MODES
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, scan
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import DEFAULT_CHUNK, NbdSink, Stats
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import DEFAULT_CHUNK, Stats, layer_sink
 
 MAX_PARALLEL = 64
 _ZERO_CHUNK = bytes(DEFAULT_CHUNK)
@@ -427,12 +427,15 @@ def check_params(params):
     cache = params.get("nbd_cache") or "none"
     if cache not in CACHE_MODES:
         raise InputError("nbd_cache must be one of %s" % ", ".join(CACHE_MODES))
+    writer = params.get("writer") or "direct"
+    if writer not in WRITERS:
+        raise InputError("writer must be one of %s" % ", ".join(WRITERS))
     if params.get("point_name") is not None:
         check_point_name(params["point_name"])
     snapshot = params.get("snapshot_name")
     if snapshot is not None and (not snapshot or "\0" in snapshot or len(snapshot.encode("utf-8")) > 4096):
         raise InputError("snapshot_name must be a non-empty string of at most 4096 bytes without NUL")
-    return dict(parallel=parallel, cache=cache,
+    return dict(parallel=parallel, cache=cache, writer=writer,
                 dir_mode=parse_mode(params.get("dir_mode") or "0700", "dir_mode"),
                 file_mode=parse_mode(params.get("file_mode") or "0600", "file_mode"))
 
@@ -537,13 +540,6 @@ def _check_mode(repo, params, result, choose):
     return result
 
 
-def _serve(pending, opts):
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-    _nbd.require_nbd()
-    cache = _nbd.usable_cache_mode(opts["cache"], os.path.dirname(pending.path))
-    return _nbd.QemuNbd(pending.path, fmt="qcow2", cache=cache, shared=opts["parallel"])
-
-
 def _publish(repo, pending, stats, digests, snapshot, source, reason, extra):
     run = stats.as_dict()
     extra = dict(extra, mb_per_s=run["mb_per_s"], full_reason=reason)
@@ -554,16 +550,10 @@ def _publish(repo, pending, stats, digests, snapshot, source, reason, extra):
 
 
 def _write_source_point(repo, src, name, parent, base, reason, params, opts):
-    with repo.begin_point(name, src.size, parent=parent and parent["name"]) as pending:
-        with _serve(pending, opts) as server:
-            pool = server.pool(opts["parallel"])
-            try:
-                stats, digests = scan_source(src, NbdSink(pool), base=base, parallel=opts["parallel"],
-                                             digest=repo.block_digest,
-                                             block_size=repo.block_size)
-                pool.flush()
-            finally:
-                pool.close()
+    with repo.begin_point(name, src.size, parent=parent and parent["name"], create=False) as pending:
+        with layer_sink(pending, opts["writer"], opts["parallel"], opts["cache"]) as sink:
+            stats, digests = scan_source(src, sink, base=base, parallel=opts["parallel"],
+                                         digest=repo.block_digest, block_size=repo.block_size)
         if src.current_size() != src.size:
             raise TransferError("source %s changed size during the backup (%d, now %d bytes): not a snapshot?"
                                 % (src.path, src.size, src.current_size()), path=src.path)
@@ -573,16 +563,13 @@ def _write_source_point(repo, src, name, parent, base, reason, params, opts):
 
 
 def _write_diff_point(repo, reader, name, parent, reason, snapshot, params, opts):
-    with repo.begin_point(name, reader.size, parent=parent and parent["name"]) as pending:
-        with _serve(pending, opts) as server:
-            pool = server.pool(opts["parallel"])
-            try:
-                stats, digests, readback = replay_diff(reader, NbdSink(pool), digest=repo.block_digest,
-                                                       parent_size=parent and parent["size"],
-                                                       parallel=opts["parallel"], block_size=repo.block_size)
-                pool.flush()
-            finally:
-                pool.close()
+    # Always through qemu-nbd: diff records need not cover whole clusters, and partly written
+    # blocks are read back through the backing chain for their digests.
+    with repo.begin_point(name, reader.size, parent=parent and parent["name"], create=False) as pending:
+        with layer_sink(pending, "nbd", opts["parallel"], opts["cache"]) as sink:
+            stats, digests, readback = replay_diff(reader, sink, digest=repo.block_digest,
+                                                   parent_size=parent and parent["size"],
+                                                   parallel=opts["parallel"], block_size=repo.block_size)
         source = dict(type="rbd_diff", path=os.path.abspath(params["diff"]), from_snap=reader.from_snap,
                       to_snap=reader.to_snap)
         extra = dict(mode="diff", from_snapshot=reader.from_snap, readback_bytes=readback,

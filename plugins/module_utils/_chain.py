@@ -82,6 +82,9 @@ RUN_FIELDS = {
 _COUNTERS = ("bytes_read", "bytes_written", "zero_bytes", "extents")
 
 
+WRITERS = ("direct", "nbd")
+
+
 def repository_argument_spec():
     """Options of modules writing a repository, documented by the snapchain.vmbackup.repository fragment."""
     return dict(
@@ -89,6 +92,7 @@ def repository_argument_spec():
         file_mode=dict(type="str", default="0600"),
         parallel=dict(type="int", default=8),
         nbd_cache=dict(type="str", choices=list(_qemu_img.CACHE_MODES), default="none"),
+        writer=dict(type="str", choices=list(WRITERS), default="direct"),
     )
 
 
@@ -461,6 +465,7 @@ class Pending:
         self.path = repo.path("." + self.layer + PARTIAL_SUFFIX)
         self.final_path = repo.path(self.layer)
         self.digests_temp = repo.path("." + name + DIGESTS_SUFFIX + PARTIAL_SUFFIX)
+        self.backing = None  # the parent's layer file name, set by begin_point
         self.state = "open"
 
     def __enter__(self):
@@ -778,11 +783,13 @@ class Repository:
         self._manifest = doc
 
     # -- writing a point -----------------------------------------------------------------------
-    def begin_point(self, name, size, parent=None):
+    def begin_point(self, name, size, parent=None, create=True):
         """Create the temporary layer of a new point; fill it, then ``publish`` or ``abort``.
 
         ``parent`` (a point name) makes an incremental whose backing file is the
-        parent's layer; without it the point starts a new segment (a full).
+        parent's layer (``pending.backing``); without it the point starts a new
+        segment (a full).  ``create=False`` leaves creating ``pending.path`` to the
+        caller (the direct qcow2 writer creates the file itself).
         """
         self._require_lock("starting a point")
         check_point_name(name)
@@ -808,14 +815,16 @@ class Repository:
             segment = base["segment"]
             backing = base["layer"]
         pending = Pending(self, name, size, parent, segment)
+        pending.backing = backing
         for path in (pending.final_path, self.digests_path(name)):
             if os.path.lexists(path):
                 raise ConflictError("%s already exists but is no point of the manifest (left by an interrupted run?);"
                                     " choose another name" % path, path=path)
         self._remove(pending.path)
         self._remove(pending.digests_temp)
-        _qemu_img.create(pending.path, size, backing=backing, backing_fmt="qcow2")
-        os.chmod(pending.path, self.file_mode)
+        if create:
+            _qemu_img.create(pending.path, size, backing=backing, backing_fmt="qcow2")
+            os.chmod(pending.path, self.file_mode)
         return pending
 
     def publish(self, pending, point_fields=None, digests=None):

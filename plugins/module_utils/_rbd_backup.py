@@ -21,7 +21,6 @@ import tempfile
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     InputError, NotFoundError, TransferError)
@@ -29,7 +28,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import f
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
-    DEFAULT_CHUNK, DiffStreamSink, NbdSink, align_to_blocks, copy_extents)
+    DEFAULT_CHUNK, DiffStreamSink, align_to_blocks, copy_extents, layer_sink)
 
 GRANULARITIES = ("auto", "exact", "object")
 
@@ -85,6 +84,8 @@ def check_common(params):
     _rbd.check_name("from_snapshot", params.get("from_snapshot"), required=False)
     if params.get("parallel") is not None and not 1 <= params["parallel"] <= 64:
         raise InputError("parallel must be between 1 and 64")
+    if (params.get("writer") or "direct") not in _chain.WRITERS:
+        raise InputError("writer must be one of %s" % ", ".join(_chain.WRITERS))
     if params.get("granularity", "auto") not in GRANULARITIES:
         raise InputError("granularity must be one of %s" % ", ".join(GRANULARITIES))
     try:
@@ -253,18 +254,14 @@ def _append_point(sess, repo, image, snapshot, parent, params, parallel):
         name = _naming.unique_managed_name(repo.names(), prefix="", when=parsed)
         if size % 512:
             raise InputError("image size %d is not a multiple of 512 bytes" % size)
-        with repo.begin_point(name, size, parent=parent and parent["name"]) as pending:
-            cache = _nbd.usable_cache_mode(params.get("nbd_cache") or "none", repo.disk_dir)
-            server = _nbd.QemuNbd(pending.path, fmt="qcow2", cache=cache, shared=parallel)
-            with server:
-                nbd_pool = server.pool(parallel)
-                try:
-                    stats, digests = copy_extents(RbdSource(img), extents, NbdSink(nbd_pool), parallel=parallel,
-                                                  digest=repo.block_digest,
-                                                  chunk=DEFAULT_CHUNK, block_size=repo.block_size)
-                    nbd_pool.flush()
-                finally:
-                    nbd_pool.close()
+        with repo.begin_point(name, size, parent=parent and parent["name"], create=False) as pending:
+            with layer_sink(pending, params.get("writer") or "direct", parallel,
+                            params.get("nbd_cache") or "none") as sink:
+                if hasattr(sink, "reserve"):
+                    sink.reserve(sum(ext.length for ext in extents if ext.kind == DATA))
+                stats, digests = copy_extents(RbdSource(img), extents, sink, parallel=parallel,
+                                              digest=repo.block_digest,
+                                              chunk=DEFAULT_CHUNK, block_size=repo.block_size)
             block_digests = _chain.BlockDigests(repo.block_size)
             for index, digest in digests.items():
                 block_digests[index] = digest

@@ -21,10 +21,15 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import contextlib
+import os
 import threading
 import time
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import ZERO_DIGEST, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
 
@@ -317,3 +322,38 @@ class NbdSink:
 
     def read(self, offset, length):
         return self.pool.pread(length, offset)
+
+
+@contextlib.contextmanager
+def layer_sink(pending, writer="direct", parallel=8, nbd_cache="none"):
+    """A sink that fills ``pending``'s new layer (from ``Repository.begin_point(..., create=False)``).
+
+    ``direct``: a LayerWriter (cluster = the repository's block size); ``nbd``: the layer
+    created by ``qemu-img create`` and served by qemu-nbd.  When the block ends without an
+    error the layer is complete on disk (metadata written, or qemu-nbd flushed and stopped),
+    ready for ``Repository.publish``; on an error nothing more is written.
+    """
+    repo = pending.repo
+    if writer == "direct":
+        sink = LayerWriter(pending.path, pending.size, cluster_size=repo.block_size, backing=pending.backing,
+                           mode=repo.file_mode)
+        try:
+            yield sink
+        except BaseException:
+            sink.abort()
+            raise
+        sink.close()
+        return
+    if writer != "nbd":
+        raise ValueError("unknown writer %r" % (writer,))
+    _nbd.require_nbd()
+    _qemu_img.create(pending.path, pending.size, backing=pending.backing, backing_fmt="qcow2")
+    os.chmod(pending.path, repo.file_mode)
+    cache = _nbd.usable_cache_mode(nbd_cache, repo.disk_dir)
+    with _nbd.QemuNbd(pending.path, fmt="qcow2", cache=cache, shared=parallel) as server:
+        pool = server.pool(parallel)
+        try:
+            yield NbdSink(pool)
+            pool.flush()
+        finally:
+            pool.close()

@@ -15,7 +15,7 @@ description:
   - With O(source), a raw file or block device (an LVM or ZFS snapshot device, a ploop image's raw
     data...), the whole source is read in parallel and each 64 KiB block is compared with the block
     digests of the latest point as it is read. Only blocks that differ are written (blocks that became
-    all-zero as NBD write-zeroes); an unchanged source still gives a point, with nothing written.
+    all-zero as zero clusters); an unchanged source still gives a point, with nothing written.
   - A full backup starts a new segment of the chain, and RV(full_reason) says why. It happens for the
     first backup, when the source size changed, when the latest point is marked bad or its block digests
     are unusable, or with O(force_full).
@@ -141,7 +141,7 @@ bytes_written:
   returned: success, not in check mode
   type: int
 zero_bytes:
-  description: Bytes written as NBD write-zeroes.
+  description: Bytes written as zero clusters (the qcow2 zero flag), not as stored zeroes.
   returned: success, not in check mode
   type: int
 extents:
@@ -181,7 +181,8 @@ def main():
         required_one_of=[("source", "diff")],
         supports_check_mode=True,
     )
-    if not module.check_mode and not _nbd.HAS_NBD:
+    needs_nbd = module.params["diff"] or module.params["writer"] == "nbd"
+    if needs_nbd and not module.check_mode and not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
     result = run(module, lambda: append_point(module.params, check_mode=module.check_mode))
     module.exit_json(**result)

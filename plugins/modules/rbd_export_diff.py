@@ -12,10 +12,11 @@ version_added: 0.1.0
 description:
   - With O(chain), appends one backup point to the disk's repository directory. The extents that
     changed since the last point's snapshot are read from librbd in parallel and written straight
-    into a new qcow2 layer served by C(qemu-nbd) (no intermediate file). Discarded and all-zero
-    extents become NBD write-zeroes. The layer is checked, fsynced and renamed into place before the
-    manifest records it; only then are older managed snapshots removed (the new one is kept as the
-    next diff base).
+    into a new qcow2 layer (no intermediate file), by the reading threads themselves (O(writer=direct))
+    or through libnbd into C(qemu-nbd) (O(writer=nbd)). Discarded and all-zero extents become zero
+    clusters, never stored zeroes. The layer is checked (C(qemu-img check)), fsynced and renamed into
+    place before the manifest records it; only then are older managed snapshots removed (the new one is
+    kept as the next diff base).
   - Before an incremental, the last point's snapshot must still exist in Ceph with the same id;
     otherwise a full backup starts a new segment of the chain and RV(full_reason) says why.
   - With O(dest), writes the C(rbd diff v1) stream from O(from_snapshot) (absent means since the image
@@ -190,7 +191,7 @@ def main():
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
-    if module.params["chain"] and not _nbd.HAS_NBD:
+    if module.params["chain"] and module.params["writer"] == "nbd" and not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
     action = backup_to_chain if module.params["chain"] else export_diff_file
     result = run(module, lambda: action(module.params, check_mode=module.check_mode))

@@ -11,12 +11,14 @@ started is stopped at the end.  It fills an image with random (incompressible) d
 snapshots it (s0), rewrites 1% of it with 4 KiB writes at random 4 KiB-aligned offsets
 (s1), snapshots again with no change (s2), then measures, best of --repeat runs:
 
-  1. ``rbd export`` of s0 to /dev/null: the read ceiling;
+  1. ``rbd export`` of s0 to /dev/null: the read ceiling; ``dd`` of as many bytes into a new
+     file of the work directory (O_DIRECT, fdatasync): the write ceiling; ``rbd export-diff``
+     of s0..s1 to /dev/null: what Ceph's own tool needs to find and read the 1% change;
   2. ``qemu-img convert`` of s0 (an rbd: URI as client.backup) into a qcow2 file, with
      defaults and with ``-W -m 16 -t none``;
   3. a full backup of s0 by the rbd_export_diff module run as a child process, exactly
      as Ansible runs it (wall time; peak RSS and CPU time from wait4), with the module's
-     defaults, then for nbd_cache writeback/none x parallel 1/4/8 (with the 1% incremental);
+     defaults, then for writer direct x parallel 4/8/16 and writer nbd (with the 1% incremental);
   4. the 1% incremental (s0 -> s1) for granularity auto, exact and object;
   5. an incremental with no change (s1 -> s2).
 
@@ -187,6 +189,26 @@ class Bench:
         return best([self.rbd_cli("export", "--no-progress", self.spec(snap), "-", discard_stdout=True)
                      for _n in range(self.repeat)])
 
+    def rbd_export_diff(self, from_snap, snap):
+        return best([self.rbd_cli("export-diff", "--no-progress", "--from-snap", from_snap, self.spec(snap), "-",
+                                  discard_stdout=True) for _n in range(self.repeat)])
+
+    def write_ceiling(self):
+        """``dd`` of as many bytes as the image into a new file in the work directory, O_DIRECT and
+        fdatasync'ed: the rate at which this filesystem takes a full backup's data at all."""
+        dst = os.path.join(self.work, "dd.raw")
+        runs = []
+        try:
+            for _n in range(self.repeat):
+                if os.path.exists(dst):
+                    os.unlink(dst)
+                runs.append(run_child(["dd", "if=/dev/zero", "of=" + dst, "bs=4M", "count=%d" % (self.size // (4 * MIB)),
+                                       "oflag=direct", "conv=fdatasync", "status=none"]))
+        finally:
+            if os.path.exists(dst):
+                os.unlink(dst)
+        return best(runs)
+
     def qemu_convert(self, snap, extra):
         src = "rbd:%s/%s@%s:%s" % (self.pool, IMAGE, snap, self.uri_opts)
         dst = os.path.join(self.work, "convert.qcow2")
@@ -316,6 +338,9 @@ def measure(lab, work, args):
         note = "-t none failed in %s (%s); measured with -t writeback" % (work, str(exc).splitlines()[0][:200])
         conv_tuned = bench.qemu_convert(S0, tuned)
 
+    export_diff = bench.rbd_export_diff(S0, S1)
+    write = bench.write_ceiling()
+
     log("full backup and the incrementals with the module's defaults")
     full = bench.full("full (defaults)", {}, keep=True)
     incr = {}
@@ -325,16 +350,16 @@ def measure(lab, work, args):
 
     variants = []
     if not args.quick:
-        for cache in ("writeback", "none"):
-            for parallel in (1, 4, 8):
-                options = dict(parallel=parallel, nbd_cache=cache)
-                vfull = bench.full("full p%d %s" % (parallel, cache), options, keep=True)
-                vincr = bench.incremental("1%% incr p%d %s" % (parallel, cache), vfull["chain"], S1, options)
-                shutil.rmtree(vfull["chain"])
-                variants.append((parallel, cache, vfull, vincr))
+        for writer, parallel in (("direct", 4), ("direct", 8), ("direct", 16), ("nbd", 8)):
+            options = dict(parallel=parallel, writer=writer)
+            vfull = bench.full("full p%d %s" % (parallel, writer), options, keep=True)
+            vincr = bench.incremental("1%% incr p%d %s" % (parallel, writer), vfull["chain"], S1, options)
+            shutil.rmtree(vfull["chain"])
+            variants.append((parallel, writer, vfull, vincr))
 
     return report(args, lab, size, writes, dict(export=export, conv_default=conv_default, conv_tuned=conv_tuned, tuned=tuned,
-                                                note=note, full=full, incr=incr, nochange=nochange, variants=variants))
+                                                note=note, full=full, incr=incr, nochange=nochange, variants=variants,
+                                                export_diff=export_diff, write=write))
 
 
 def report(args, lab, size, writes, r):
@@ -350,7 +375,12 @@ def report(args, lab, size, writes, r):
     for label, conv in (("qemu-img convert rbd: -> qcow2, defaults", r["conv_default"]),
                         ("qemu-img convert " + " ".join(r["tuned"]), r["conv_tuned"])):
         rows.append([label, "%.2f" % conv["seconds"], "%.2f" % conv["cpu"], "%.0f" % mbps(size, conv["seconds"])])
+    rows.append(["dd 4M O_DIRECT > new file in work dir", "%.2f" % r["write"]["seconds"], "%.2f" % r["write"]["cpu"],
+                 "%.0f" % mbps(size, r["write"]["seconds"])])
+    rows.append(["rbd export-diff s0..s1 > /dev/null", "%.2f" % r["export_diff"]["seconds"], "%.2f" % r["export_diff"]["cpu"], ""])
     out.append(table(["", "wall s", "CPU s", "MB/s"], rows))
+    out.append("  a full backup must read AND write every byte: it cannot beat max(export, dd) = %.2f s (%.0f%% of the export rate)"
+               % (max(export["seconds"], r["write"]["seconds"]), 100.0 * export["seconds"] / max(export["seconds"], r["write"]["seconds"])))
     if r["note"]:
         out.append("  note: " + r["note"])
 
@@ -367,18 +397,19 @@ def report(args, lab, size, writes, r):
              "%.1f%%" % (100.0 * i["seconds"] / full["seconds"]), "%.1f" % (i["bytes_read"] / float(MIB)), i["extents"],
              "%.0f" % i["rss"], i["verified"]] for g, i in incr.items()]
     out.append(table(["granularity", "wall s", "transfer s", "CPU s", "% of full", "MiB read", "extents", "peak RSS MB", "verified"], rows))
-    out.append("  * fastest")
+    out.append("  * fastest;  rbd export-diff of the same snapshots to /dev/null (Ceph's own tool, no write): %.2f s = %.1f%% of our full"
+               % (r["export_diff"]["seconds"], 100.0 * r["export_diff"]["seconds"] / full["seconds"]))
     nochange = r["nochange"]
     out += ["", "Incremental with no change (s1 -> s2): %.2f s wall, transfer %.2f s, %d bytes read, %.1f%% of full, verified %s"
             % (nochange["seconds"], nochange["transfer"], nochange["bytes_read"], 100.0 * nochange["seconds"] / full["seconds"],
                nochange["verified"])]
 
     if r["variants"]:
-        out += ["", "Full backup and 1% incremental (auto) by parallel x nbd_cache"]
+        out += ["", "Full backup and 1% incremental (auto) by parallel x writer"]
         rows = [[str(p), c, "%.2f" % f["seconds"], "%.2f" % f["cpu"], "%.0f" % mbps(size, f["seconds"]),
                  "%.2f" % i["seconds"], "%.1f%%" % (100.0 * i["seconds"] / f["seconds"]), "%.0f" % max(f["rss"], i["rss"]),
                  "ok" if f["verified"] == i["verified"] == "ok" else "FAILED"] for p, c, f, i in r["variants"]]
-        out.append(table(["parallel", "nbd_cache", "full s", "full CPU s", "full MB/s", "1% incr s", "% of full", "peak RSS MB", "verified"],
+        out.append(table(["parallel", "writer", "full s", "full CPU s", "full MB/s", "1% incr s", "% of full", "peak RSS MB", "verified"],
                          rows))
 
     runs = [full, nochange] + list(incr.values()) + [x for _p, _c, f, i in r["variants"] for x in (f, i)]
@@ -411,7 +442,7 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the fastest counts (default 3)")
     parser.add_argument("--lab-dir", help="lab directory to use or start (default: $SNAPCHAIN_LAB_DIR, else a new temporary one)")
     parser.add_argument("--work-dir", help="directory for chains and scratch files, kept (default: a temporary one, removed)")
-    parser.add_argument("--quick", action="store_true", help="skip the parallel x nbd_cache table")
+    parser.add_argument("--quick", action="store_true", help="skip the parallel x writer table")
     args = parser.parse_args(argv)
     if args.size_mib < 16 or args.size_mib % 4 or args.repeat < 1:
         parser.error("--size-mib must be a multiple of 4 and >= 16, --repeat >= 1")

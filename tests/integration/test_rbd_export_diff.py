@@ -89,8 +89,12 @@ def snapshots(lab, image):
         return [s["name"] for s in img.list_snaps()]
 
 
-def test_every_point_matches_its_snapshot(lab, image, args, tmp_path):
-    """Writes, discards, an unchanged run, a grow and a shrink: each point == rbd export of its snapshot."""
+@pytest.mark.parametrize("writer", ["direct", "nbd"])
+def test_every_point_matches_its_snapshot(lab, image, args, tmp_path, writer):
+    """Writes, discards, an unchanged run, a grow and a shrink: each point == rbd export of its snapshot.
+
+    Both writers: our own qcow2 writer (the default) and qemu-nbd through libnbd."""
+    args = dict(args, writer=writer)
     steps = ["initial", "writes+discard", "unchanged", "grow", "shrink", "writes"]
     results = []
     with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, image) as img:
@@ -118,6 +122,8 @@ def test_every_point_matches_its_snapshot(lab, image, args, tmp_path):
     assert [p["size"] // MiB for p in points] == [64, 64, 64, 96, 48, 48]
     for n, point in enumerate(points):
         layer = os.path.join(args["chain"], point["layer"])
+        check = json.loads(subprocess.run(["qemu-img", "check", "--output=json", layer], capture_output=True, check=False).stdout)
+        assert not check.get("corruptions") and not check.get("leaks") and not check.get("check-errors"), check
         assert point_sha(layer, tmp_path) == rbd_export_sha(lab, "%s/%s@p%d" % (lab.pool, image, n), tmp_path), \
             "point %d (%s) differs from its snapshot" % (n, steps[n])
     # backing files are relative: the repository can be moved whole
@@ -256,6 +262,7 @@ def test_sigkill_mid_transfer_loses_nothing(lab, image, args, tmp_path):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(parallel=0), "parallel must be between"),
+    (dict(writer="fast"), "writer must be one of"),
     (dict(snapshot="nope"), "does not exist"),
     (dict(image="no-such-image"), "does not exist"),
     (dict(snapshot="a@b"), "is not valid"),
