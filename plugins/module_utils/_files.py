@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
 
 
 def fsync_dir(path):
@@ -31,3 +31,19 @@ def parse_mode(value, what="mode"):
     if mode & ~0o7777:
         raise InputError("%s %r is out of range" % (what, value))
     return mode
+
+
+def pwrite_all(fd, data, offset, path):
+    """Write all of ``data`` at ``offset`` (short writes continued); TransferError with ``offset`` and ``errno``."""
+    view = memoryview(data)
+    pos = 0
+    while pos < len(view):
+        try:
+            n = os.pwrite(fd, view[pos:], offset + pos)
+        except OSError as exc:
+            raise TransferError("write of %d bytes at offset %d to %s failed: %s"
+                                % (len(view) - pos, offset + pos, path, exc.strerror),
+                                offset=offset + pos, errno=exc.errno)
+        if n <= 0:
+            raise TransferError("write to %s at offset %d wrote nothing" % (path, offset + pos), offset=offset + pos)
+        pos += n

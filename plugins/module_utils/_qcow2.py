@@ -39,6 +39,7 @@ import struct
 import threading
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import ConflictError, InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import pwrite_all
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
@@ -343,12 +344,12 @@ class LayerWriter:
         return places
 
     def _pwrite_meta(self, offset, data):
-        _pwrite_all(self._fd, memoryview(data), offset, self.path)
+        pwrite_all(self._fd, memoryview(data), offset, self.path)
 
     def _write_data(self, offset, view):
         fd = self._direct_fd
         if fd is None:
-            _pwrite_all(self._fd, view, offset, self.path)
+            pwrite_all(self._fd, view, offset, self.path)
             return
         length = len(view)
         padded = _ceil_div(length, DIRECT_ALIGN) * DIRECT_ALIGN
@@ -361,23 +362,10 @@ class LayerWriter:
         if padded != length:
             buf[length:padded] = bytes(padded - length)
         try:
-            _pwrite_all(fd, memoryview(buf)[:padded], offset, self.path)
+            pwrite_all(fd, memoryview(buf)[:padded], offset, self.path)
         except TransferError as exc:
             if exc.details.get("errno") != errno.EINVAL:
                 raise
             # The filesystem took O_DIRECT at open but not this write: the page cache it is.
-            _pwrite_all(self._fd, view, offset, self.path)
+            pwrite_all(self._fd, view, offset, self.path)
 
-
-def _pwrite_all(fd, view, offset, path):
-    done = 0
-    while done < len(view):
-        try:
-            n = os.pwrite(fd, view[done:], offset + done)
-        except OSError as exc:
-            raise TransferError("write of %d bytes at %d into %s failed: %s"
-                                % (len(view) - done, offset + done, path, exc.strerror),
-                                offset=offset + done, errno=exc.errno)
-        if n <= 0:
-            raise TransferError("write into %s at %d made no progress" % (path, offset + done), offset=offset + done)
-        done += n

@@ -714,13 +714,15 @@ def test_o_direct_open_fails_otherwise(tmp_path, monkeypatch):
 
 
 def test_o_direct_write_refused_falls_back(tmp_path, monkeypatch):
-    """A filesystem that takes O_DIRECT at open but refuses a write (EINVAL): that write goes buffered."""
+    """A filesystem that takes O_DIRECT at open but refuses a write (EINVAL): that write goes buffered.
+
+    Simulated (pwrite_all patched): no filesystem here accepts O_DIRECT at open and then refuses a write."""
     cs = 4096
     layer = Layer(tmp_path / "a.qcow2", 10 * cs + 1536, cs)
     if not layer.writer.direct:
         layer.writer.abort()
         pytest.skip("no O_DIRECT in %s" % tmp_path)
-    real = q._pwrite_all  # pylint: disable=protected-access
+    real = q.pwrite_all
     refused = []
 
     def picky(fd, view, offset, path):
@@ -729,7 +731,7 @@ def test_o_direct_write_refused_falls_back(tmp_path, monkeypatch):
             raise TransferError("refused", offset=offset, errno=errno.EINVAL)
         return real(fd, view, offset, path)
 
-    monkeypatch.setattr(q, "_pwrite_all", picky)
+    monkeypatch.setattr(q, "pwrite_all", picky)
     for index in (0, 3, 1, 2, 10):
         layer.write(index)
     layer.write(4, 6)
@@ -739,6 +741,9 @@ def test_o_direct_write_refused_falls_back(tmp_path, monkeypatch):
 
 
 def test_o_direct_write_error_is_reported(tmp_path, monkeypatch):
+    """An I/O error on a data write is a TransferError carrying errno.
+
+    Simulated (os.pwrite patched): this host has no device-mapper to build a failing disk."""
     cs = 4096
     layer = Layer(tmp_path / "a.qcow2", 4 * cs, cs)
     if not layer.writer.direct:
