@@ -368,4 +368,3 @@ class LayerWriter:
                 raise
             # The filesystem took O_DIRECT at open but not this write: the page cache it is.
             pwrite_all(self._fd, view, offset, self.path)
-

@@ -7,18 +7,29 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
 Data path (one restore)::
 
-    point's layer ──qemu-nbd --read-only (backing chain resolved by QEMU)──▶ NbdPool
-        block_status ─▶ DATA / ZERO extents
-        DATA  ─▶ N reader threads (NBD pread) ─▶ sink.write   (librbd write / pwrite), in parallel
+    point's layer ──_qcow2_map.PointMap (the layer files read directly: headers, L1/L2 tables)──▶
+        runs, top-most layer first ─▶ DATA (layer file, host offset) / ZERO, cut into 4 MiB jobs
+        DATA  ─▶ 2 reader threads (preads, readahead, dropped behind) ─▶ pooled buffers
+              ─▶ N writer threads ─▶ sink.write (librbd aio_write without a copy / pwrite)
         ZERO  ─▶ nothing on a NEW image or file (it reads as zeroes already);
                  written as zeroes, never skipped, on an existing image (in-place) or a device:
                  librbd write_zeroes; fallocate(PUNCH_HOLE|KEEP_SIZE), else BLKZEROOUT, else zero pwrite.
 
+    fallback, for a chain _qcow2_map does not handle (compressed clusters, encryption, an
+    external data file...; the result says so in ``reader_fallback``):
+    point's layer ──qemu-nbd --read-only (backing chain resolved by QEMU)──▶ NbdPool
+        block_status ─▶ DATA / ZERO extents ─▶ N reader threads (NBD pread) ─▶ sink, as above.
+
+Why not always qemu-nbd: it serves every connection on one thread and copies each byte through
+a socket twice; measured on a 2 GiB point, the direct path needs about a third of the CPU time
+(no qemu-nbd process, no socket, no copy in librbd) and takes about the time of ``rbd import``.
+
 No repository lock is taken: a restore only reads, and QEMU's own image locks
-(qemu-nbd holds a shared read lock on every layer of the chain) make a
-concurrent ``qemu-img commit``/``rebase`` by retention fail instead of changing
-the layers under us; a backup running at the same time only adds a new layer.
-So a restore is never blocked by a long backup of the same disk.
+make a concurrent ``qemu-img commit``/``rebase`` by retention fail instead of
+changing the layers under us: the direct path takes, on every layer, the same OFD
+read locks as qemu-nbd does (see _qcow2_map), and qemu-nbd takes its own.  A
+backup running at the same time only adds a new layer.  So a restore is never
+blocked by a long backup of the same disk.
 
 Destinations, and what is safe about each:
 
@@ -38,6 +49,8 @@ device          an existing block device at least as large as the point; opened 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
+import contextlib
 import ctypes
 import datetime
 import errno
@@ -54,7 +67,7 @@ import time
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     CommandError, ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir, parse_mode
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir, parse_mode, pwrite_all
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, total
 
 DEFAULT_CHUNK = 4 << 20
@@ -64,6 +77,10 @@ PARTIAL_IMAGE_SUFFIX = ".snapchain-partial"
 PARTIAL_FILE_SUFFIX = ".partial"
 FORMATS = ("raw", "qcow2")
 PROGRESS_INTERVAL = 2.0
+ZERO_COPY_CONF = ("rbd_disable_zero_copy_writes", "false")
+# Reader threads of copy_mapped: the kernel's readahead already keeps the disk busy; more threads
+# reading the same files only contend (2 GiB, cold: 1.2 s with 2 readers, 1.4-1.6 s with 4, 1.9 s with 1).
+READERS = 2
 POINT_INFO_KEYS = ("name", "created", "snapshot", "size", "segment", "parent", "bad")
 
 # fallocate(2) and ioctl numbers (linux/falloc.h, linux/fs.h).
@@ -407,8 +424,17 @@ class SinkCounters:
             self.zero_skipped += zero_skipped
 
 
+def _ignore(*_args):
+    pass
+
+
 class RbdSink(SinkCounters):
-    """Writes into an open librbd image from many threads; zeroes via write_zeroes, or skipped."""
+    """Writes into an open librbd image from many threads; zeroes via write_zeroes, or skipped.
+
+    Each write is an ``aio_write`` waited for at once, the buffer referenced until it completes:
+    with ``rbd_disable_zero_copy_writes`` off on the session (``ZERO_COPY_CONF``, set before the
+    image is opened) librbd then sends the caller's buffer instead of copying it first, as
+    ``rbd import`` does with its own buffers (a plain ``write`` always copies)."""
 
     ordered = False
 
@@ -422,11 +448,19 @@ class RbdSink(SinkCounters):
         self.zero_method = "write_zeroes" if write_zeroes else None
 
     def write(self, offset, data):
+        if not isinstance(data, (bytes, bytearray)):
+            data = bytes(data)
         try:
-            self.img.write(data if isinstance(data, bytes) else bytes(data), offset, self.fadvise)
+            completion = self.img.aio_write(data, offset, _ignore, self.fadvise)
+            completion.wait_for_complete_and_cb()
+            ret = completion.get_return_value()
         except self.error as exc:
+            ret, reason = None, str(exc)
+        else:
+            reason = os.strerror(-ret) if ret < 0 else None
+        if reason is not None:
             raise TransferError("write of %d bytes at offset %d to %s failed: %s"
-                                % (len(data), offset, self.img.get_name(), exc), offset=offset)
+                                % (len(data), offset, self.img.get_name(), reason), offset=offset)
         self.add(written=len(data))
 
     def zero(self, offset, length):
@@ -441,20 +475,6 @@ class RbdSink(SinkCounters):
         self.add(zero_written=length)
 
 
-def _pwrite_all(fd, data, offset, path):
-    view = memoryview(data)
-    pos = 0
-    while pos < len(view):
-        try:
-            n = os.pwrite(fd, view[pos:], offset + pos)
-        except OSError as exc:
-            raise TransferError("write of %d bytes at offset %d to %s failed: %s"
-                                % (len(view) - pos, offset + pos, path, exc.strerror), offset=offset + pos)
-        if n <= 0:
-            raise TransferError("write to %s at offset %d wrote nothing" % (path, offset + pos), offset=offset + pos)
-        pos += n
-
-
 class FileSink(SinkCounters):
     """A new sparse file: data is pwritten, zero ranges are left as holes."""
 
@@ -467,7 +487,7 @@ class FileSink(SinkCounters):
         self.path = path
 
     def write(self, offset, data):
-        _pwrite_all(self.fd, data, offset, self.path)
+        pwrite_all(self.fd, data, offset, self.path)
         self.add(written=len(data))
 
     def zero(self, offset, length):
@@ -510,14 +530,14 @@ class DeviceSink(SinkCounters):
         self._zero_buf = bytes(1 << 20)
 
     def write(self, offset, data):
-        _pwrite_all(self.fd, data, offset, self.path)
+        pwrite_all(self.fd, data, offset, self.path)
         self.add(written=len(data))
 
     def _write_zero_bytes(self, offset, length):
         end = offset + length
         while offset < end:
             n = min(len(self._zero_buf), end - offset)
-            _pwrite_all(self.fd, memoryview(self._zero_buf)[:n], offset, self.path)
+            pwrite_all(self.fd, memoryview(self._zero_buf)[:n], offset, self.path)
             offset += n
 
     def zero(self, offset, length):
@@ -869,6 +889,7 @@ class RbdTarget:
         self.safety_snapshot = None
         self.created = False
         self.replaced = False
+        self.map_features = 0
 
     def describe(self):
         return dict(type="rbd", pool=self.sess.pool, namespace=self.sess.namespace, image=self.image, spec=self.spec,
@@ -920,7 +941,16 @@ class RbdTarget:
 
     # -- a new (or replacing) image, written under a temporary name -------------------------------
     def create_temp(self, size):
+        """Create the temporary image; one left by an interrupted restore (ours by its name) is
+        replaced, unless a client has it open or it has snapshots (another restore is running)."""
         rbd = self._rbd.rbd
+        try:
+            rbd.RBD().create(self.sess.ioctx, self.temp, size, old_format=False)
+            return
+        except rbd.ImageExists:
+            pass
+        except rbd.Error as exc:
+            raise self._ceph_error("cannot create %s: %s" % (self.temp, exc))
         leftover = self._open(self.temp, read_only=True)
         if leftover is not None:
             try:
@@ -933,7 +963,7 @@ class RbdTarget:
                                     "than a minute ago and its client has not timed out yet; try again then)"
                                     % (self.temp, "open by " + ", ".join(busy) if busy else "snapshotted", self.spec),
                                     image=self.spec)
-            self._remove(self.temp)  # left by an interrupted restore: ours by its name
+            self._remove(self.temp)
         try:
             rbd.RBD().create(self.sess.ioctx, self.temp, size, old_format=False)
         except rbd.Error as exc:
@@ -949,10 +979,35 @@ class RbdTarget:
             raise self._ceph_error("cannot remove %s: %s" % (self._spec(name), exc))
 
     def open_temp(self):
+        """Open the temporary image, its object map (and fast-diff) off while it is written: every
+        first write into an object would otherwise wait for an object map update, one more OSD
+        operation (2 GiB, 2 cores: 1.05-1.23 s to write with it, 0.88-0.96 s without).
+        ``finish_temp`` turns them back on and rebuilds the map (0.03 s for 2 GiB)."""
+        rbd = self._rbd.rbd
         img = self._open(self.temp, read_only=False)
         if img is None:
             raise self._ceph_error("%s vanished while the restore was starting" % self.temp)
+        try:
+            features = img.features() & (rbd.RBD_FEATURE_OBJECT_MAP | rbd.RBD_FEATURE_FAST_DIFF)
+            if features:
+                img.update_features(features, False)
+                self.map_features = features
+        except rbd.Error:
+            pass  # not allowed, or not supported: written with its object map, only slower
         return img
+
+    def finish_temp(self, img):
+        """Turn the features ``open_temp`` turned off back on and rebuild the object map: the image
+        ends with the features it was created with (the pool's defaults) and a valid object map."""
+        rbd = self._rbd.rbd
+        if not self.map_features:
+            return
+        try:
+            img.update_features(self.map_features, True)
+            img.rebuild_object_map()
+        except rbd.Error as exc:
+            raise self._ceph_error("cannot rebuild the object map of %s: %s" % (self.temp, exc))
+        self.map_features = 0
 
     def publish_temp(self):
         rbd = self._rbd.rbd
@@ -1115,7 +1170,10 @@ def restore(params, check_mode=False):
 
 
 class _PointReader:
-    """qemu-nbd --read-only on the point's layer, an NbdPool, and the point's extents."""
+    """qemu-nbd --read-only on the point's layer, an NbdPool, and the point's extents: the fallback
+    for a chain that _qcow2_map does not read itself (compressed clusters, encryption...)."""
+
+    name = "qemu-nbd"
 
     def __init__(self, layer, size, parallel):
         self.layer = layer
@@ -1124,6 +1182,8 @@ class _PointReader:
         self.parallel = parallel
         self.pool = None
         self.cache = None
+        self._extents = None
+        self.data_bytes = self.zero_bytes = None
 
     def _start(self, cache):
         from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
@@ -1156,6 +1216,16 @@ class _PointReader:
     def source(self):
         return NbdSource(self.pool)
 
+    def measure(self):
+        """Map the point: sets ``data_bytes`` and ``zero_bytes``."""
+        self._extents = plan(self.extents())
+        self.data_bytes, self.zero_bytes = total(self._extents, DATA), total(self._extents, ZERO)
+
+    def copy(self, sink, parallel, progress):
+        """Copy the point into ``sink``: (bytes read, write and zero operations)."""
+        stats = copy(self.source(), self._extents, sink, parallel, progress)
+        return stats.bytes_read, stats.extents
+
     def __exit__(self, exc_type, exc, tb):
         if self.pool is not None:
             self.pool.close()
@@ -1167,16 +1237,145 @@ class _PointReader:
                 raise
 
 
+class _MapReader:
+    """The point read straight from its layer files (_qcow2_map.PointMap): no qemu-nbd, no socket."""
+
+    name = "qcow2"
+
+    def __init__(self, point_map):
+        self.map = point_map
+        self.data_bytes = self.zero_bytes = None
+
+    def measure(self):
+        """Map the whole point once (raises _qcow2_map.Unsupported before anything is written), and
+        choose how to read each layer (page cache as it is, or read ahead and dropped behind)."""
+        self.data_bytes, self.zero_bytes = self.map.scan()
+        self.map.plan_reads()
+
+    def copy(self, sink, parallel, progress):
+        return copy_mapped(self.map, sink, parallel, progress)
+
+
+@contextlib.contextmanager
+def _open_reader(layer, size, parallel, result):
+    """The reader of the point whose top layer is ``layer``, already measured (so that anything it does
+    not handle shows before a byte is written): _MapReader when _qcow2_map can prove it reads the chain
+    as QEMU does, else _PointReader (qemu-nbd).  Sets ``reader`` and ``reader_fallback`` in ``result``."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qcow2_map
+    reader = fallback = None
+    try:
+        reader = _MapReader(_qcow2_map.PointMap.open(layer))
+        if reader.map.size != size:
+            raise RepositoryError("layer %s is %d bytes but the point is %d bytes" % (layer, reader.map.size, size),
+                                  path=layer)
+        reader.measure()
+    except _qcow2_map.Unsupported as exc:
+        fallback = exc.msg
+    except BaseException:
+        if reader is not None:
+            reader.map.close()
+        raise
+    if fallback is not None:
+        if reader is not None:
+            reader.map.close()
+        result.update(reader=_PointReader.name, reader_fallback=fallback)
+        with _PointReader(layer, size, parallel) as nbd:
+            nbd.measure()
+            yield nbd
+        return
+    result.update(reader=_MapReader.name, reader_fallback=None)
+    try:
+        yield reader
+    finally:
+        reader.map.close()
+
+
+def _all_zero(data, zero_chunk):
+    """True when ``data`` (bytes or bytearray: compared with memcmp) is all zero bytes."""
+    length = len(data)
+    if not length or data[0]:
+        return not length
+    return data == (zero_chunk if length == len(zero_chunk) else bytes(length))
+
+
+def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_piece=ZERO_PIECE):
+    """Copy every job of ``point_map`` into ``sink``; return (bytes read, write and zero operations).
+
+    Two stages, so that reading (the disk) and writing (the network, librbd) overlap: READERS
+    threads read ahead, in order; ``parallel`` writer threads write (``sink.write``, or
+    ``sink.zero`` for zero ranges and all-zero data).  At most ``2 * parallel`` jobs are in
+    flight.  Whole-chunk jobs are read into bytearrays taken from a pool and given back once
+    written (a sink is done with the data when ``write`` returns: RbdSink waits for librbd),
+    so memory is a fixed ``chunk`` x (jobs in flight + readers) whatever the image size, and is
+    not allocated and faulted in again for every chunk (page faults are costly in VMs)."""
+    lock = threading.Lock()
+    counts = [0, 0]
+    zero_chunk = bytes(chunk)
+    pool = collections.deque()  # free whole-chunk buffers (deque append/pop are atomic)
+
+    def read(length, pieces):
+        if length == chunk:
+            try:
+                buf = pool.pop()
+            except IndexError:
+                buf = bytearray(chunk)
+        else:
+            buf = bytearray(length)
+        point_map.read_into(pieces, buf)
+        if _all_zero(buf, zero_chunk):
+            release(buf)
+            return None
+        return buf
+
+    def release(buf):
+        if len(buf) == chunk:
+            pool.append(buf)
+
+    def write(offset, length, reading):
+        data = None if reading is None else reading.result()
+        if data is None:
+            sink.zero(offset, length)
+        else:
+            sink.write(offset, data)
+            release(data)
+        with lock:
+            counts[0] += 0 if reading is None else length
+            counts[1] += 1
+
+    def finish_one():
+        window.popleft().result()
+        with lock:
+            done = counts[0]
+        progress.update(bytes_done=done, zero_done=sink.zero_written)
+
+    window = collections.deque()
+    readers = concurrent.futures.ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="snapchain-read")
+    writers = concurrent.futures.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="snapchain-write")
+    failed = True
+    try:
+        for offset, length, pieces in point_map.jobs(chunk, zero_piece):
+            reading = None if pieces is None else readers.submit(read, length, pieces)
+            window.append(writers.submit(write, offset, length, reading))
+            while len(window) >= 2 * parallel:
+                finish_one()
+        while window:
+            finish_one()
+        failed = False
+    finally:
+        # On a failure, reads and writes not started yet are dropped (a writer waiting for a
+        # dropped read ends at once); the ones running end on their own.
+        if failed:
+            readers.shutdown(wait=False, cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=failed)
+        readers.shutdown(wait=True)
+    return counts[0], counts[1]
+
+
 def _transfer(reader, sink, parallel, progress, result, zero_needed):
-    progress.set_phase("mapping")
-    extents = plan(reader.extents())
-    data = total(extents, DATA)
-    zeroes = total(extents, ZERO)
-    progress.set_phase("writing", bytes_total=data, zero_total=zeroes if zero_needed else 0)
-    stats = copy(reader.source(), extents, sink, parallel, progress)
-    result.update(bytes_read=stats.bytes_read, bytes_written=sink.written, zero_bytes_written=sink.zero_written,
-                  zero_bytes_skipped=sink.zero_skipped, zero_method=sink.zero_method, extents=stats.extents)
-    return stats
+    progress.set_phase("writing", bytes_total=reader.data_bytes, zero_total=reader.zero_bytes if zero_needed else 0)
+    bytes_read, operations = reader.copy(sink, parallel, progress)
+    result.update(bytes_read=bytes_read, bytes_written=sink.written, zero_bytes_written=sink.zero_written,
+                  zero_bytes_skipped=sink.zero_skipped, zero_method=sink.zero_method, extents=operations)
 
 
 def _finish_stats(result, started):
@@ -1188,11 +1387,13 @@ def _finish_stats(result, started):
 def _restore_rbd(target, layer, point, parallel, progress, result):
     started = time.monotonic()
     size = point["size"]
-    # Big sequential writes gain nothing from the librbd cache (rbd import disables it too).
-    try:
-        target.sess.cluster.conf_set("rbd_cache", "false")
-    except Exception:  # pylint: disable=broad-except
-        pass
+    # Big sequential writes gain nothing from the librbd cache (rbd import disables it too); without
+    # it, librbd may send RbdSink's buffers as they are (zero copy) instead of copying each first.
+    for name, value in (("rbd_cache", "false"), ZERO_COPY_CONF):
+        try:
+            target.sess.cluster.conf_set(name, value)
+        except Exception:  # pylint: disable=broad-except
+            pass
     if target.in_place:
         progress.set_phase("preparing")
         img = target.open_in_place(size)
@@ -1200,7 +1401,8 @@ def _restore_rbd(target, layer, point, parallel, progress, result):
         result["resized_from"] = target.old_size if target.old_size != size else None
         try:
             try:
-                with _PointReader(layer, size, parallel) as reader:
+                progress.set_phase("mapping")
+                with _open_reader(layer, size, parallel, result) as reader:
                     _transfer(reader, RbdSink(img, True, nocache_flag()), parallel, progress, result, True)
                 progress.set_phase("flushing")
                 img.flush()
@@ -1219,10 +1421,12 @@ def _restore_rbd(target, layer, point, parallel, progress, result):
     try:
         img = target.open_temp()
         try:
-            with _PointReader(layer, size, parallel) as reader:
+            progress.set_phase("mapping")
+            with _open_reader(layer, size, parallel, result) as reader:
                 _transfer(reader, RbdSink(img, False, nocache_flag()), parallel, progress, result, False)
             progress.set_phase("flushing")
             img.flush()
+            target.finish_temp(img)
         finally:
             img.close()
         progress.set_phase("renaming")
@@ -1239,15 +1443,10 @@ def _restore_raw(target, layer, point, parallel, progress, result):
     fd = target.open_temp()
     try:
         os.ftruncate(fd, size)
-        with _PointReader(layer, size, parallel) as reader:
-            progress.set_phase("mapping")
-            extents = plan(reader.extents())
-            target.check_space(total(extents, DATA))
-            sink = FileSink(fd, target.temp)
-            progress.set_phase("writing", bytes_total=total(extents, DATA), zero_total=0)
-            stats = copy(reader.source(), extents, sink, parallel, progress)
-            result.update(bytes_read=stats.bytes_read, bytes_written=sink.written, zero_bytes_written=0,
-                          zero_bytes_skipped=sink.zero_skipped, zero_method=None, extents=stats.extents)
+        progress.set_phase("mapping")
+        with _open_reader(layer, size, parallel, result) as reader:
+            target.check_space(reader.data_bytes)
+            _transfer(reader, FileSink(fd, target.temp), parallel, progress, result, False)
         progress.set_phase("syncing")
         target.commit()
     except BaseException:
@@ -1313,7 +1512,8 @@ def _restore_device(target, layer, point, parallel, progress, result):
     fd, block = target.open()
     try:
         sink = DeviceSink(fd, target.path, block)
-        with _PointReader(layer, size, parallel) as reader:
+        progress.set_phase("mapping")
+        with _open_reader(layer, size, parallel, result) as reader:
             _transfer(reader, sink, parallel, progress, result, True)
         progress.set_phase("syncing")
         target.finish()

@@ -12,15 +12,20 @@ version_added: 0.1.0
 description:
   - Picks one point of the disk's repository (O(chain)) by name, as the latest one, or as the latest one at or
     before a time (O(before)), and writes what it reads as to exactly one destination, O(rbd), O(file) or O(device).
-  - The point is read through C(qemu-nbd --read-only) on its layer (QEMU resolves the backing chain). Its block
-    status tells data from zeroes; data is read and written in parallel (O(parallel)). Zero ranges are not written
-    at all on a new RBD image or a new file (they read as zeroes already); on an existing image (O(in_place)) and on
-    a device they are written as zeroes (RBD write-zeroes; C(fallocate) punch-hole, else C(BLKZEROOUT)), never skipped.
-  - A new RBD image is written under the name C(<image>.snapchain-partial) and renamed when complete; a file is
-    written to C(.<name>.partial) beside it, fsynced and renamed. An interrupted restore never leaves a partial image
-    or file under the final name; the next run removes the leftover.
-  - No repository lock is needed, QEMU's image locks keep retention from changing the layers being read, and a
-    backup running at the same time only adds a new layer. A restore is never blocked by a long backup.
+  - The point is read straight from its layer files, as QEMU reads them (qcow2 headers and L1/L2 tables, top-most
+    layer first, backing files relative to the layer's directory), read ahead and dropped from the page cache behind.
+    A chain using something this reader does not handle (compressed clusters, encryption, an external data file,
+    extended L2 entries...) is read through C(qemu-nbd --read-only) instead (RV(reader), RV(reader_fallback)).
+  - Data is read and written in parallel (O(parallel)). Zero ranges are not written at all on a new RBD image or a
+    new file (they read as zeroes already); on an existing image (O(in_place)) and on a device they are written as
+    zeroes (RBD write-zeroes; C(fallocate) punch-hole, else C(BLKZEROOUT)), never skipped.
+  - A new RBD image is written under the name C(<image>.snapchain-partial) and renamed when complete, with its object
+    map (and fast-diff) off while it is written, then turned back on and rebuilt, so that it ends with the pool's
+    default features and a valid object map. A file is written to C(.<name>.partial) beside it, fsynced and renamed. An
+    interrupted restore never leaves a partial image or file under the final name; the next run removes the leftover.
+  - No repository lock is needed, QEMU's image locks keep retention from changing the layers being read (the restore
+    takes on every layer the shared read locks C(qemu-nbd --read-only) takes, so C(qemu-img commit) fails meanwhile),
+    and a backup running at the same time only adds a new layer. A restore is never blocked by a long backup.
   - Every check (the point, bad marks, the destination's existence, size, use, free space) happens before anything
     is written.
 author:
@@ -108,7 +113,7 @@ options:
     type: bool
     default: false
   parallel:
-    description: Reads and writes in flight at once (1 to 64); memory is about O(parallel) x 8 MiB.
+    description: Writes in flight at once (1 to 64), with as many reads ahead; memory is about O(parallel) x 8 MiB.
     type: int
     default: 8
   progress_file:
@@ -267,6 +272,17 @@ zero_bytes_skipped:
 zero_method:
   description: How zeroes were written, V(write_zeroes), V(punch_hole), V(blkzeroout) or V(write); null if none were.
   returned: success, not in check mode
+  type: str
+reader:
+  description:
+    - How the point was read, V(qcow2) (its layer files read directly) or V(qemu-nbd) (the fallback, see
+      RV(reader_fallback)). Not returned for a qcow2 file, which C(qemu-img convert) writes.
+  returned: success, not in check mode, except for a qcow2 file
+  type: str
+  sample: qcow2
+reader_fallback:
+  description: Why the point was read through C(qemu-nbd) (for example a compressed cluster); null otherwise.
+  returned: success, not in check mode, except for a qcow2 file
   type: str
 extents:
   description: Number of write and zero operations (null for a qcow2 file).

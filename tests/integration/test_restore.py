@@ -153,19 +153,36 @@ def loop_device(path, size):
 # --------------------------------------------------------------------------------------------
 
 
+def default_features(lab):
+    """The features an image gets in the lab's pool by default (rbd create, no options)."""
+    name = "rst-ref-" + uuid.uuid4().hex[:6]
+    with pool_ioctx(lab) as ioctx:
+        rbd.RBD().create(ioctx, name, MiB)
+        try:
+            with rbd.Image(ioctx, name, read_only=True) as img:
+                return img.features()
+        finally:
+            rbd.RBD().remove(ioctx, name)
+
+
 def test_every_point_to_a_new_rbd_image(lab, chain, tmp_path):
+    features = default_features(lab)
+    assert features & rbd.RBD_FEATURE_OBJECT_MAP  # what the restore turns off while it writes, then rebuilds
     for n, point in enumerate(chain["points"]):
         target = "rst-new-%d-%s" % (n, uuid.uuid4().hex[:6])
         try:
             r = restore(chain, point=point["name"], rbd=dict(pool=lab.pool, image=target),
                         progress_file=str(tmp_path / "progress.json"))
             assert r["point"] == point["name"] and r["chain_depth"] == n + 1
+            assert r["reader"] == "qcow2" and r["reader_fallback"] is None  # read directly, not through qemu-nbd
             assert r["destination"]["created"] and not r["destination"]["replaced"]
             assert r["zero_bytes_written"] == 0 and r["safety_snapshot"] is None
             assert r["bytes_written"] <= r["bytes_read"] <= point["size"]
             assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
+            lab.rbd("object-map", "check", "%s/%s" % (lab.pool, target))  # marks the map invalid if it is wrong
             with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, target, read_only=True) as img:
                 assert img.size() == point["size"] and list(img.list_snaps()) == []
+                assert img.features() == features and img.flags() == 0  # object map back on, and valid
             progress = json.loads((tmp_path / "progress.json").read_text())
             assert progress["state"] == "done" and progress["percent"] == 100.0
             assert progress["bytes_done"] == progress["bytes_total"] == r["bytes_read"]
@@ -179,6 +196,7 @@ def test_every_point_to_a_raw_file(chain, tmp_path):
         dest = tmp_path / ("p%d.raw" % n)
         r = restore(chain, point=point["name"], file=str(dest))
         assert r["destination"] == dict(type="file", path=str(dest), format="raw", replaced=False)
+        assert r["reader"] == "qcow2"
         assert os.path.getsize(dest) == point["size"]
         assert sha256_file(dest) == chain["shas"][n], "point p%d" % n
         assert os.stat(dest).st_blocks * 512 < point["size"]  # sparse: zero ranges are holes
@@ -210,7 +228,7 @@ def test_every_point_to_a_loop_device(chain, tmp_path):
         for n in (4, 0, 2, 1, 3):  # shrinking and growing between restores
             point = chain["points"][n]
             r = restore(chain, point=point["name"], device=dev)
-            assert r["zero_method"] in ("punch_hole", "blkzeroout", "write")
+            assert r["zero_method"] in ("punch_hole", "blkzeroout", "write") and r["reader"] == "qcow2"
             assert r["zero_bytes_written"] > 0  # zero ranges are written on a device, never skipped
             assert r["destination"]["device_size"] == size
             assert sha256_file(dev, point["size"]) == chain["shas"][n], "point p%d" % n
