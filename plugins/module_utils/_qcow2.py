@@ -139,6 +139,7 @@ class LayerWriter:
         self.data_clusters = 0
         self.zero_clusters = 0
         self._direct_fd = None
+        self._was_direct = False
         try:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
         except OSError as exc:
@@ -150,6 +151,7 @@ class LayerWriter:
             if direct and cluster_size % DIRECT_ALIGN == 0 and hasattr(os, "O_DIRECT"):
                 try:
                     self._direct_fd = os.open(path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+                    self._was_direct = True
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # EINVAL: no O_DIRECT here (tmpfs): buffered writes
                         raise
@@ -162,8 +164,8 @@ class LayerWriter:
 
     @property
     def direct(self):
-        """Whether data clusters go to the disk with O_DIRECT (else through the page cache)."""
-        return self._direct_fd is not None
+        """Whether data clusters go to the disk with O_DIRECT (else through the page cache); kept after close()."""
+        return self._was_direct
 
     # -- the sink interface ------------------------------------------------------------------------
     def write(self, offset, data):
