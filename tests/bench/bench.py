@@ -193,35 +193,29 @@ class Bench:
         return best([self.rbd_cli("export-diff", "--no-progress", "--from-snap", from_snap, self.spec(snap), "-",
                                   discard_stdout=True) for _n in range(self.repeat)])
 
-    def write_ceiling(self):
-        """``dd`` of as many bytes as the image into a new file in the work directory, O_DIRECT and
-        fdatasync'ed: the rate at which this filesystem takes a full backup's data at all."""
-        dst = os.path.join(self.work, "dd.raw")
+    def _into_new_file(self, name, argv):
+        """Best of ``repeat`` runs of ``argv`` (which writes ``name`` in the work directory), each into a new file."""
+        dst = os.path.join(self.work, name)
         runs = []
         try:
             for _n in range(self.repeat):
                 if os.path.exists(dst):
                     os.unlink(dst)
-                runs.append(run_child(["dd", "if=/dev/zero", "of=" + dst, "bs=4M", "count=%d" % (self.size // (4 * MIB)),
-                                       "oflag=direct", "conv=fdatasync", "status=none"]))
+                runs.append(run_child([a.replace("{dst}", dst) for a in argv]))
         finally:
             if os.path.exists(dst):
                 os.unlink(dst)
         return best(runs)
 
+    def write_ceiling(self):
+        """``dd`` of as many bytes as the image into a new file in the work directory, O_DIRECT and
+        fdatasync'ed: the rate at which this filesystem takes a full backup's data at all."""
+        return self._into_new_file("dd.raw", ["dd", "if=/dev/zero", "of={dst}", "bs=4M", "count=%d" % (self.size // (4 * MIB)),
+                                              "oflag=direct", "conv=fdatasync", "status=none"])
+
     def qemu_convert(self, snap, extra):
         src = "rbd:%s/%s@%s:%s" % (self.pool, IMAGE, snap, self.uri_opts)
-        dst = os.path.join(self.work, "convert.qcow2")
-        runs = []
-        try:
-            for _n in range(self.repeat):
-                if os.path.exists(dst):
-                    os.unlink(dst)
-                runs.append(run_child(["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + extra + [src, dst]))
-        finally:
-            if os.path.exists(dst):
-                os.unlink(dst)
-        return best(runs)
+        return self._into_new_file("convert.qcow2", ["qemu-img", "convert", "-f", "raw", "-O", "qcow2"] + extra + [src, "{dst}"])
 
     # -- our module --------------------------------------------------------------------------
     def new_dir(self, what):
