@@ -194,7 +194,13 @@ class LayerWriter:
         with self._lock:
             want = self._end + nbytes + nbytes // self.l2_entries + self.cluster_size
             if want > self._allocated:
-                self._fallocate(want - self._allocated)
+                try:
+                    self._fallocate(want - self._allocated)
+                except TransferError:
+                    # Not fatal: blocks that read as zeroes are never stored, so the layer may need
+                    # far less than ``nbytes``; _alloc() reserves as it goes and fails only when
+                    # the space a write really needs is missing.
+                    pass
 
     def zero(self, offset, length):
         """Mark whole clusters as reading zeroes (the v3 zero flag), whatever the backing file holds."""
@@ -285,7 +291,10 @@ class LayerWriter:
         where = self._end
         self._end += clusters * self.cluster_size
         if self._end > self._allocated:
-            self._fallocate(max(PREALLOCATE, self._end - self._allocated))
+            try:
+                self._fallocate(max(PREALLOCATE, self._end - self._allocated))
+            except TransferError:
+                self._fallocate(self._end - self._allocated)  # a full step may not fit; what is needed might
         return where
 
     def _fallocate(self, grow):
@@ -294,7 +303,8 @@ class LayerWriter:
             os.posix_fallocate(self._fd, self._allocated, grow)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise TransferError("cannot reserve %d bytes in %s: %s" % (grow, self.path, exc.strerror))
+                raise TransferError("cannot reserve %d bytes in %s: %s" % (grow, self.path, exc.strerror),
+                                    path=self.path, errno=exc.errno)
         self._allocated += grow
 
     def _table(self, l1_index):

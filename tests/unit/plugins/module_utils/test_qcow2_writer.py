@@ -1017,3 +1017,41 @@ def test_header(tmp_path):
                              backing="base.qcow2")
     assert raw[:len(written)] == written
     assert raw[len(written):] == bytes(cs - len(written))  # the rest of cluster 0 is zeroes
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 8 MiB tmpfs: a full filesystem without simulating one (root only, else skipped)."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        pytest.skip("cannot mount a tmpfs here: %s" % done.stderr.strip())
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_reserve_beyond_the_free_space_is_only_a_hint(tiny_fs, tmp_path):
+    """reserve() of far more than the filesystem holds (a full of a thin image whose data is mostly
+    zeroes) must not fail the backup; the fallocate steps shrink to what a write needs."""
+    cs = 65536
+    layer = Layer(tiny_fs / "a.qcow2", 1 << 30, cs)
+    layer.writer.reserve(1 << 30)
+    layer.write(0, 16)           # 1 MiB of data
+    layer.zero(16, 1000)         # zero clusters cost nothing
+    layer.write(2000, 32)        # 2 MiB more
+    verify([layer.close()], tmp_path)
+    assert os.path.getsize(layer.path) < 4 << 20
+
+
+def test_full_filesystem_is_a_transfer_error(tiny_fs):
+    cs = 65536
+    layer = Layer(tiny_fs / "a.qcow2", 1 << 30, cs)
+    with pytest.raises(TransferError) as caught:
+        for index in range(0, 16384, 64):
+            layer.write(index, 64)  # 4 MiB at a time, into 8 MiB
+    assert caught.value.details.get("errno") == errno.ENOSPC
+    layer.writer.abort()
