@@ -468,6 +468,11 @@ class Pending:
         self.backing = None  # the parent's layer file name, set by begin_point
         self.state = "open"
 
+    def create(self):
+        """Create the empty temporary layer with ``qemu-img create`` (backed by the parent's layer)."""
+        _qemu_img.create(self.path, self.size, backing=self.backing, backing_fmt="qcow2")
+        os.chmod(self.path, self.repo.file_mode)
+
     def __enter__(self):
         return self
 
@@ -823,8 +828,7 @@ class Repository:
         self._remove(pending.path)
         self._remove(pending.digests_temp)
         if create:
-            _qemu_img.create(pending.path, size, backing=backing, backing_fmt="qcow2")
-            os.chmod(pending.path, self.file_mode)
+            pending.create()
         return pending
 
     def publish(self, pending, point_fields=None, digests=None):

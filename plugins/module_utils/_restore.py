@@ -1384,6 +1384,16 @@ def _finish_stats(result, started):
     result["mb_per_s"] = round((result.get("bytes_read") or 0) / 1e6 / seconds, 1) if seconds > 0 else None
 
 
+def _fill_image(img, layer, size, parallel, progress, result, existing):
+    """Copy the point into the open image ``img`` and flush it.  ``existing`` (in place): zero
+    ranges are written as zeroes too, since the image holds old data there."""
+    progress.set_phase("mapping")
+    with _open_reader(layer, size, parallel, result) as reader:
+        _transfer(reader, RbdSink(img, existing, nocache_flag()), parallel, progress, result, existing)
+    progress.set_phase("flushing")
+    img.flush()
+
+
 def _restore_rbd(target, layer, point, parallel, progress, result):
     started = time.monotonic()
     size = point["size"]
@@ -1401,11 +1411,7 @@ def _restore_rbd(target, layer, point, parallel, progress, result):
         result["resized_from"] = target.old_size if target.old_size != size else None
         try:
             try:
-                progress.set_phase("mapping")
-                with _open_reader(layer, size, parallel, result) as reader:
-                    _transfer(reader, RbdSink(img, True, nocache_flag()), parallel, progress, result, True)
-                progress.set_phase("flushing")
-                img.flush()
+                _fill_image(img, layer, size, parallel, progress, result, existing=True)
             finally:
                 img.close()  # releases the exclusive lock
         except SnapchainError as exc:
@@ -1421,11 +1427,7 @@ def _restore_rbd(target, layer, point, parallel, progress, result):
     try:
         img = target.open_temp()
         try:
-            progress.set_phase("mapping")
-            with _open_reader(layer, size, parallel, result) as reader:
-                _transfer(reader, RbdSink(img, False, nocache_flag()), parallel, progress, result, False)
-            progress.set_phase("flushing")
-            img.flush()
+            _fill_image(img, layer, size, parallel, progress, result, existing=False)
             target.finish_temp(img)
         finally:
             img.close()

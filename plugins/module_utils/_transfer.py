@@ -22,12 +22,10 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
-import os
 import threading
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import ZERO_DIGEST, block_digest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import TransferError
@@ -347,8 +345,7 @@ def layer_sink(pending, writer="direct", parallel=8, nbd_cache="none"):
     if writer != "nbd":
         raise ValueError("unknown writer %r" % (writer,))
     _nbd.require_nbd()
-    _qemu_img.create(pending.path, pending.size, backing=pending.backing, backing_fmt="qcow2")
-    os.chmod(pending.path, repo.file_mode)
+    pending.create()
     cache = _nbd.usable_cache_mode(nbd_cache, repo.disk_dir)
     with _nbd.QemuNbd(pending.path, fmt="qcow2", cache=cache, shared=parallel) as server:
         pool = server.pool(parallel)

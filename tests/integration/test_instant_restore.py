@@ -10,7 +10,6 @@ to a raw file by qcow2_chain_restore, defined under a new name with an RBD disk 
 """
 
 import base64
-import hashlib
 import json
 import os
 import subprocess
@@ -24,17 +23,10 @@ import guest as guestlib
 import module_runner
 from ansible_runner import ROOT, playbook
 from guest_fixtures import BOOT_TIMEOUT, two_rbd_disks
+from shas import sha256_file
 
 MARKER = b"SNAPCHAIN-INSTANT-MARKER-0123456789"
 MARKER_OFFSET = 20 << 20
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tree_digests(directories):

@@ -6,7 +6,6 @@ sha256 of `rbd export` of its snapshot; our diff files replayed with the real
 point intact and no managed snapshot behind once the next run succeeded.
 """
 
-import hashlib
 import json
 import os
 import random
@@ -20,35 +19,10 @@ import rbd
 
 import module_runner
 from ansible_runner import pool_ioctx
+from shas import point_sha, rbd_export_sha
 
 MiB = 1 << 20
 rng = random.Random(20261122)
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(4 * MiB), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def rbd_export_sha(lab, spec, tmp_path):
-    out = tmp_path / ("export-" + uuid.uuid4().hex)
-    lab.rbd("export", spec, str(out))
-    try:
-        return sha256_file(out)
-    finally:
-        out.unlink()
-
-
-def point_sha(layer, tmp_path):
-    out = tmp_path / ("point-" + uuid.uuid4().hex + ".raw")
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(layer), str(out)], check=True)
-    try:
-        return sha256_file(out)
-    finally:
-        out.unlink()
 
 
 def manifest(chain):

@@ -22,42 +22,11 @@ import rbd
 
 import module_runner
 from ansible_runner import lab_vars, playbook, pool_ioctx
+from shas import point_sha, rbd_export_sha, sha256_file
 
 MiB = 1 << 20
 rng = random.Random(20261123)
 STEPS = ("initial", "writes+discard+zeroes", "grow", "shrink", "writes")
-
-
-def sha256_file(path, length=None):
-    h = hashlib.sha256()
-    left = length
-    with open(path, "rb") as fh:
-        while left is None or left > 0:
-            block = fh.read(4 * MiB if left is None else min(4 * MiB, left))
-            if not block:
-                break
-            h.update(block)
-            if left is not None:
-                left -= len(block)
-    return h.hexdigest()
-
-
-def rbd_sha(lab, spec, tmp_path):
-    out = tmp_path / ("export-" + uuid.uuid4().hex)
-    lab.rbd("export", "--no-progress", spec, str(out))
-    try:
-        return sha256_file(out)
-    finally:
-        out.unlink()
-
-
-def qcow2_sha(path, tmp_path):
-    out = tmp_path / ("raw-" + uuid.uuid4().hex)
-    subprocess.run(["qemu-img", "convert", "-O", "raw", str(path), str(out)], check=True)
-    try:
-        return sha256_file(out)
-    finally:
-        out.unlink()
 
 
 def image_names(lab):
@@ -122,7 +91,7 @@ def chain(lab, tmp_path_factory):
         with open(os.path.join(chain_dir, "manifest.json")) as fh:
             points = json.load(fh)["points"]
         assert [p["snapshot"] for p in points] == ["p%d" % n for n in range(len(STEPS))]
-        shas = [rbd_sha(lab, "%s/%s@p%d" % (lab.pool, name, n), work) for n in range(len(STEPS))]
+        shas = [rbd_export_sha(lab, "%s/%s@p%d" % (lab.pool, name, n), work) for n in range(len(STEPS))]
         yield dict(dir=chain_dir, image=name, points=points, shas=shas, conn=conn, work=work)
     finally:
         remove_image(lab, name)
@@ -178,7 +147,7 @@ def test_every_point_to_a_new_rbd_image(lab, chain, tmp_path):
             assert r["destination"]["created"] and not r["destination"]["replaced"]
             assert r["zero_bytes_written"] == 0 and r["safety_snapshot"] is None
             assert r["bytes_written"] <= r["bytes_read"] <= point["size"]
-            assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
+            assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
             lab.rbd("object-map", "check", "%s/%s" % (lab.pool, target))  # marks the map invalid if it is wrong
             with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, target, read_only=True) as img:
                 assert img.size() == point["size"] and list(img.list_snaps()) == []
@@ -213,7 +182,7 @@ def test_every_point_to_a_qcow2_file(chain, tmp_path):
                                          capture_output=True).stdout)
         assert info["format"] == "qcow2" and "backing-filename" not in info
         assert info["virtual-size"] == point["size"]
-        assert qcow2_sha(dest, tmp_path) == chain["shas"][n], "point p%d" % n
+        assert point_sha(dest, tmp_path) == chain["shas"][n], "point p%d" % n
         assert oct(os.stat(dest).st_mode & 0o777) == "0o640"
 
 
@@ -272,16 +241,16 @@ def test_in_place_rollback_of_every_point_keeps_a_safety_snapshot(lab, chain, tm
     try:
         for n in (4, 0, 2, 1, 3):
             point = chain["points"][n]
-            before = rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path)
+            before = rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path)
             r = restore(chain, point=point["name"], rbd=dict(pool=lab.pool, image=target), in_place=True, force=True)
             assert r["safety_snapshot"].startswith("snapchain-safety-")
             assert r["zero_method"] == "write_zeroes" and r["zero_bytes_written"] > 0
-            assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
+            assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
             safety[r["safety_snapshot"]] = before
         snaps = snapshots(lab, target)
         assert "keepme" in snaps and set(safety) <= set(snaps) and len(safety) == 5
         for snap, sha in safety.items():
-            assert rbd_sha(lab, "%s/%s@%s" % (lab.pool, target, snap), tmp_path) == sha
+            assert rbd_export_sha(lab, "%s/%s@%s" % (lab.pool, target, snap), tmp_path) == sha
     finally:
         remove_image(lab, target)
 
@@ -294,7 +263,7 @@ def test_existing_targets_are_refused_and_unchanged(lab, chain, tmp_path):
             img.write(rng.randbytes(4 * MiB), 0)
     spec = "%s/%s" % (lab.pool, target)
     try:
-        before = rbd_sha(lab, spec, tmp_path)
+        before = rbd_export_sha(lab, spec, tmp_path)
         dest = dict(pool=lab.pool, image=target)
         r = restore_failing(chain, rbd=dest)
         assert "already exists" in r["msg"] and "force" in r["msg"]
@@ -308,7 +277,7 @@ def test_existing_targets_are_refused_and_unchanged(lab, chain, tmp_path):
             assert "is open by" in r["msg"]
             r = restore_failing(chain, rbd=dest, force=True)
             assert "is open by" in r["msg"]
-        assert rbd_sha(lab, spec, tmp_path) == before and snapshots(lab, target) == []
+        assert rbd_export_sha(lab, spec, tmp_path) == before and snapshots(lab, target) == []
         # check mode says what would happen and changes nothing
         would = module_runner.run("qcow2_chain_restore", dict(chain["conn"], chain=chain["dir"], rbd=dest,
                                                               in_place=True, force=True), check_mode=True)
@@ -318,13 +287,13 @@ def test_existing_targets_are_refused_and_unchanged(lab, chain, tmp_path):
             img.create_snap("s1")
         r = restore_failing(chain, rbd=dest, force=True)
         assert "in_place: true" in r["msg"] and "snapshot" in r["msg"]
-        assert rbd_sha(lab, spec, tmp_path) == before
+        assert rbd_export_sha(lab, spec, tmp_path) == before
         with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, target) as img:
             img.remove_snap("s1")
         # force replaces it (same name, new content, the point's size)
         r = restore(chain, rbd=dest, force=True)
         assert r["destination"]["replaced"] and r["point"] == chain["points"][-1]["name"]
-        assert rbd_sha(lab, spec, tmp_path) == chain["shas"][-1]
+        assert rbd_export_sha(lab, spec, tmp_path) == chain["shas"][-1]
     finally:
         remove_image(lab, target)
     # files
@@ -444,11 +413,11 @@ def test_rbd_import_diff_replays_real_export_diff_like_rbd_import_diff(lab, tmp_
             assert r["changed"] and r["snapshots_created"] == ["v%d" % (n + 1)] and r["created"] == (n == 0)
             lab.rbd("import-diff", "--no-progress", path, "%s/%s" % (lab.pool, theirs))
         for n in range(1, 4):
-            expected = rbd_sha(lab, "%s/%s@v%d" % (lab.pool, src, n), tmp_path)
-            assert rbd_sha(lab, "%s/%s@v%d" % (lab.pool, ours, n), tmp_path) == expected, "v%d" % n
-            assert rbd_sha(lab, "%s/%s@v%d" % (lab.pool, theirs, n), tmp_path) == expected, "v%d" % n
-        ours_head = rbd_sha(lab, "%s/%s" % (lab.pool, ours), tmp_path)
-        assert ours_head == rbd_sha(lab, "%s/%s" % (lab.pool, theirs), tmp_path)
+            expected = rbd_export_sha(lab, "%s/%s@v%d" % (lab.pool, src, n), tmp_path)
+            assert rbd_export_sha(lab, "%s/%s@v%d" % (lab.pool, ours, n), tmp_path) == expected, "v%d" % n
+            assert rbd_export_sha(lab, "%s/%s@v%d" % (lab.pool, theirs, n), tmp_path) == expected, "v%d" % n
+        ours_head = rbd_export_sha(lab, "%s/%s" % (lab.pool, ours), tmp_path)
+        assert ours_head == rbd_export_sha(lab, "%s/%s" % (lab.pool, theirs), tmp_path)
         assert snapshots(lab, ours) == snapshots(lab, theirs) == ["v1", "v2", "v3"]
         # like rbd import-diff, an existing to-snap is an error; skip_applied makes a rerun a no-op
         r = module_runner.run("rbd_import_diff", dict(conn, image=ours, files=files), expect_failed=True)
@@ -460,8 +429,8 @@ def test_rbd_import_diff_replays_real_export_diff_like_rbd_import_diff(lab, tmp_
         r = module_runner.run("rbd_import_diff", dict(conn, image=fresh, files=files, create=True, parallel=3,
                                                       progress_file=str(tmp_path / "imp.json")))
         assert [a["to_snap"] for a in r["applied"]] == ["v1", "v2", "v3"]
-        fresh_head = rbd_sha(lab, "%s/%s" % (lab.pool, fresh), tmp_path)
-        assert fresh_head == rbd_sha(lab, "%s/%s@v3" % (lab.pool, src), tmp_path)
+        fresh_head = rbd_export_sha(lab, "%s/%s" % (lab.pool, fresh), tmp_path)
+        assert fresh_head == rbd_export_sha(lab, "%s/%s@v3" % (lab.pool, src), tmp_path)
         assert json.loads((tmp_path / "imp.json").read_text())["state"] == "done"
     finally:
         for name in (src, ours, theirs, src + "-fresh"):
@@ -484,14 +453,14 @@ def test_restore_role_via_ansible_playbook(lab, chain, tmp_path):
                                                  restore_to_rbd=dict(pool=lab.pool, image=target)))
         assert "Restored point %s" % chain["points"][2]["name"] in proc.stdout
         assert "Destination: RBD image %s/%s (new image)" % (lab.pool, target) in proc.stdout
-        assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][2]
+        assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][2]
         assert json.loads(open(progress).read())["state"] == "done"
         # in place, to the latest point: the summary names the safety snapshot
         proc = playbook("restore_role.yml", dict(common, restore_to_rbd=dict(pool=lab.pool, image=target),
                                                  restore_in_place=True, restore_force=True))
         safety = [s for s in snapshots(lab, target) if s.startswith("snapchain-safety-")]
         assert len(safety) == 1 and "%s/%s@%s" % (lab.pool, target, safety[0]) in proc.stdout
-        assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
+        assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
         # a failure is reported as such
         proc = playbook("restore_role.yml", dict(common, restore_to_rbd=dict(pool=lab.pool, image=target)),
                         expect_rc=2)
@@ -512,7 +481,7 @@ def test_leftovers_of_an_interrupted_restore_are_taken_over(lab, chain, tmp_path
             r = restore_failing(chain, rbd=dict(pool=lab.pool, image=target))
             assert "another restore" in r["msg"] and target not in image_names(lab)
         r = restore(chain, rbd=dict(pool=lab.pool, image=target))
-        assert rbd_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
+        assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
         assert partial not in image_names(lab)
     finally:
         remove_image(lab, partial)

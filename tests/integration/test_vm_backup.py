@@ -7,7 +7,6 @@ is saved beside each point.
 """
 
 import datetime
-import hashlib
 import json
 import os
 import subprocess
@@ -19,14 +18,7 @@ import pytest
 import guest as guestlib
 from ansible_runner import ROOT, playbook
 from guest_fixtures import BOOT_TIMEOUT, two_rbd_disks
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+from shas import sha256_file
 
 
 @pytest.fixture(scope="module")
