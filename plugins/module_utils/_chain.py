@@ -341,8 +341,8 @@ class BlockDigests:
                     out.truncate(out.blocks(sizes[n]))
                 else:
                     # Grown: blocks past the previous end read as zeroes until a layer writes them.
-                    # (A previous end inside a block leaves that edge block's old digest: sizes are
-                    # normally whole MiBs, so this only matters for odd sizes.)
+                    # A previous end inside a block changes that block too: every writer puts it in
+                    # the new layer (resize_edge, the diff replay's read-back), so its digest wins below.
                     for index in range(out.blocks(sizes[n - 1]), out.blocks(sizes[n])):
                         out[index] = ZERO_DIGEST
             out.update(layer)

@@ -28,7 +28,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import f
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
-    DEFAULT_CHUNK, DiffStreamSink, align_to_blocks, copy_extents, layer_sink)
+    DEFAULT_CHUNK, DiffStreamSink, align_to_blocks, copy_extents, layer_sink, resize_edge)
 
 GRANULARITIES = ("auto", "exact", "object")
 
@@ -249,6 +249,8 @@ def _append_point(sess, repo, image, snapshot, parent, params, parallel):
         snap = [s for s in _rbd.list_snapshots(img) if s["name"] == snapshot][0]
         size = img.size()
         extents = diff_extents(img, from_snapshot, params.get("granularity") or "auto")
+        if parent:
+            extents += resize_edge(parent["size"], size, repo.block_size)
         extents = align_to_blocks(extents, repo.block_size, size)
         parsed = _naming.parse_managed(snapshot, params.get("prefix") or _naming.DEFAULT_PREFIX)
         name = _naming.unique_managed_name(repo.names(), prefix="", when=parsed)

@@ -98,6 +98,21 @@ def align_to_blocks(extents, block_size, size):
     return out
 
 
+def resize_edge(old_size, new_size, block_size):
+    """The block a resize cuts through, as a DATA extent to copy whole ([] if none).
+
+    When a disk grows from (or shrinks to) a size that ends inside a block, that block
+    reads differently afterwards (old bytes then zeroes, or fewer bytes) although the
+    source's diff may not report it: the new layer must hold it, so that its digest,
+    and any tool that reads the layer alone, sees what the point reads as.
+    """
+    edge = min(old_size, new_size)
+    if old_size == new_size or not edge % block_size:
+        return []
+    start = edge - edge % block_size
+    return [Extent(start, min(start + block_size, new_size) - start, DATA)]
+
+
 def _merge_ranges(ranges):
     """Sorted, disjoint, non-adjacent half-open (first, end) ranges covering ``ranges``."""
     out = []

@@ -469,3 +469,45 @@ def test_role_verifies_every_disk_and_fails_on_the_bad_one(lab, args, tmp_path):
 def test_role_fails_clearly_when_there_is_nothing_to_verify(lab, tmp_path):
     proc = playbook("verify_role.yml", role_vars(lab, verify_repository=str(tmp_path)), expect_rc=2)
     assert "No disk repository (a directory holding manifest.json) under %s" % tmp_path in proc.stdout
+
+
+def test_grow_from_an_odd_size_verifies_clean(lab, tmp_path):
+    """An image whose size ends inside a block, grown: the old edge block now reads as its old
+    bytes followed by zeroes, and its digest must say so (not the digest of the short block)."""
+    rng = random.Random(7)
+    image = "oddgrow-" + uuid.uuid4().hex[:8]
+    chain = str(tmp_path / "repo" / "ceph" / "rbd" / image)
+    odd = 2 * MiB + 4608  # ends 4608 bytes into block 32
+    try:
+        with pool_ioctx(lab) as ioctx:
+            rbd.RBD().create(ioctx, image, odd)
+            with rbd.Image(ioctx, image) as img:
+                img.write(rng.randbytes(odd), 0)
+                img.create_snap("s1")
+                backup(lab, image, chain, snapshot="s1")
+                time.sleep(1)
+                img.resize(3 * MiB)
+                img.write(rng.randbytes(4096), 64 * 1024)  # a change far from the edge block
+                img.create_snap("s2")
+                second = backup(lab, image, chain, snapshot="s2")
+                assert not second["full"]
+                time.sleep(1)
+                img.write(rng.randbytes(4096), 2 * MiB + 65536 + 8192)  # past the old end, not its block
+                img.create_snap("s3")
+                backup(lab, image, chain, snapshot="s3")
+                time.sleep(1)
+                img.resize(2 * MiB + 65536 + 12288)  # shrink to inside block 33
+                img.create_snap("s4")
+                backup(lab, image, chain, snapshot="s4")
+                time.sleep(1)
+                img.resize(3 * MiB)  # and grow again: block 33 is its first 12288 bytes, then zeroes
+                img.create_snap("s5")
+                backup(lab, image, chain, snapshot="s5")
+        args = dict(chain=chain, ceph_conf=lab.ceph_conf, ceph_client=lab.backup_client, keyring=lab.backup_keyring)
+        r = verify(args, points="all", compare_source=True, drill=True, scratch_dir=str(tmp_path))
+        assert r["msg"].endswith(": clean"), r["mismatches"]
+        assert r["mismatch_count"] == 0 and not bad_points(chain) and len(r["points_checked"]) == 5
+        assert [d["ok"] for d in r["drills"]] == [True] * 5
+        assert [p["segment"] for p in manifest(chain)["points"]] == [1] * 5  # one chain: no full was forced
+    finally:
+        remove_image(lab, image)

@@ -8,7 +8,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
-    DiffStreamSink, align_to_blocks, copy_extents)
+    DiffStreamSink, align_to_blocks, copy_extents, resize_edge)
 
 K = 1024
 B = 64 * K
@@ -124,3 +124,16 @@ def test_zero_blocks_inside_a_data_chunk_become_zero_writes():
     assert sorted(sink.zeroed) == [(0, 5 * B), (6 * B, B)]
     assert stats.bytes_written == 2 * B and stats.zero_bytes == 6 * B
     assert [digests[i] == ZERO_DIGEST for i in range(8)] == [True] * 5 + [False, True, False]
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    (32 * B, 48 * B, []),                              # whole blocks: nothing cut
+    (32 * B, 32 * B, []),                              # no resize
+    (32 * B + 4608, 48 * B, [(32 * B, B)]),            # grown from inside block 32: all of it
+    (32 * B + 4608, 32 * B + 9216, [(32 * B, 9216)]),  # grown inside the same block: up to the new end
+    (48 * B, 33 * B + 12288, [(33 * B, 12288)]),       # shrunk to inside block 33: what is left of it
+    (33 * B + 512, 32 * B + 1024, [(32 * B, 1024)]),   # shrunk across a block boundary to an odd size
+])
+def test_resize_edge(old, new, expected):
+    assert [(e.offset, e.length) for e in resize_edge(old, new, B)] == expected
+    assert all(e.kind == DATA for e in resize_edge(old, new, B))
