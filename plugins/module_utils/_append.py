@@ -56,7 +56,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import p
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qemu_img import CACHE_MODES
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, scan
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import DEFAULT_CHUNK, Stats, layer_sink
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import DEFAULT_CHUNK, Stats, chunk_for, layer_sink
 
 MAX_PARALLEL = 64
 _ZERO_CHUNK = bytes(DEFAULT_CHUNK)
@@ -202,6 +202,7 @@ def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
     """
     if chunk % block_size:
         raise ValueError("chunk must be a multiple of block_size")
+    chunk = chunk_for(parallel, chunk, block_size)
     size = source.size
     stats = Stats()
     digests = BlockDigests(block_size)

@@ -8,7 +8,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
-    DiffStreamSink, align_to_blocks, copy_extents, resize_edge)
+    IN_FLIGHT_BYTES, DiffStreamSink, align_to_blocks, chunk_for, copy_extents, resize_edge)
 
 K = 1024
 B = 64 * K
@@ -137,3 +137,24 @@ def test_zero_blocks_inside_a_data_chunk_become_zero_writes():
 def test_resize_edge(old, new, expected):
     assert [(e.offset, e.length) for e in resize_edge(old, new, B)] == expected
     assert all(e.kind == DATA for e in resize_edge(old, new, B))
+
+
+@pytest.mark.parametrize("parallel, expected", [
+    (1, 4 << 20), (8, 4 << 20), (12, 42 * B), (16, 2 << 20), (64, 512 * K), (1024, B),
+])
+def test_chunk_for_keeps_the_bytes_in_flight_bounded(parallel, expected):
+    assert chunk_for(parallel, 4 << 20, B) == expected
+    assert expected % B == 0
+    assert parallel * expected <= max(IN_FLIGHT_BYTES, parallel * B)
+
+
+def test_many_threads_read_smaller_chunks_and_the_copy_is_the_same():
+    data = bytes(range(256)) * (64 * B // 256)
+    for parallel in (2, 64):
+        src = MemSource(data)
+        sink = MemSink(bytes(len(data)))
+        stats, digests = copy_extents(src, [Extent(0, len(data))], sink, parallel=parallel, chunk=32 * B,
+                                      block_size=B)
+        assert bytes(sink.buf) == data and stats.bytes_read == len(data) and len(digests) == 64
+        assert max(length for _offset, length in src.reads) == chunk_for(parallel, 32 * B, B)
+    assert chunk_for(64, 32 * B, B) == 8 * B < 32 * B
