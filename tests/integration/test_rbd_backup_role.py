@@ -203,10 +203,14 @@ def test_failed_image_does_not_stop_the_others(lab, images, tmp_path):
         rbd_backup_pools=[{"pool": images.prefix + "-nopool"}],
     )
     proc = run_backup(lab, tmp_path, host_vars, expect_rc=2)
-    # rbd_backup_parallel_images=2: the third disk starts only after the oldest job was collected.
+    # rbd_backup_parallel_images=2: the third disk starts only once one of the two running jobs
+    # (whichever ends first) has ended and been collected.
     window = proc.stdout.index("TASK [snapchain.vmbackup.rbd_backup : Wait for a slot before %s/%s]" % (lab.pool, also))
-    assert proc.stdout.index("(item=%s/%s)" % (lab.pool, good), window) < proc.stdout.index(
-        "TASK [snapchain.vmbackup.rbd_backup : Start the backup of %s/%s]" % (lab.pool, also))
+    start = proc.stdout.index("TASK [snapchain.vmbackup.rbd_backup : Start the backup of %s/%s]" % (lab.pool, also))
+    collected = [spec for spec in (good, ghost)
+                 if "TASK [snapchain.vmbackup.rbd_backup : Record the result of %s/%s]" % (lab.pool, spec)
+                 in proc.stdout[window:start]]
+    assert len(collected) >= 1, proc.stdout[window:start]
     lines = summary(proc)
     assert lines[0].startswith("2 of 4 backup(s) done, 2 failed"), lines
     assert "FAILED: image %s/%s does not exist" % (lab.pool, ghost) in line_for(lines, "%s/%s" % (lab.pool, ghost))
