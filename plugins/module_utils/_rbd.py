@@ -207,4 +207,5 @@ def changed_extents(img, from_snapshot=None, whole_object=False, offset=0, lengt
         img.diff_iterate(offset, length, from_snapshot, cb, include_parent=True, whole_object=whole_object)
     except rbd.Error as exc:
         raise CephError("diff of %s from %s failed: %s" % (img.get_name(), from_snapshot or "its creation", exc))
+    out.sort(key=lambda e: e.offset)  # librbd < 16.2.8 (fast-diff, fancy striping) reports object order
     return out

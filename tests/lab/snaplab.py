@@ -81,6 +81,9 @@ mgr initial modules = iostat
 # PG states reach `ceph -s` within ~1 s instead of ~5 s.
 mgr stats period = 1
 mon mgr digest period = 1
+# A snapshot create/remove waits for a new osdmap epoch: ~1 s at the default 1 s propose interval,
+# ~0.1 s here. Snapshot-heavy tests are bound by it.
+paxos propose interval = 0.05
 run dir = {dir}/run
 pid file = {dir}/run/$name.pid
 admin socket = {dir}/run/$name.$pid.asok
@@ -104,6 +107,9 @@ public addr = 127.0.0.1
 cluster addr = 127.0.0.1
 # Don't wait for the mon to ack "mark me down" at shutdown: the lab stops all daemons at once.
 osd mon shutdown timeout = 0
+# Free removed snapshots' objects at once (the default pauses 5 s between trims): the memstore is small.
+osd snap trim sleep = 0
+osd snap trim sleep hdd = 0
 
 [client]
 keyring = {dir}/$cluster.$name.keyring
