@@ -8,6 +8,8 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import os
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
@@ -47,3 +49,39 @@ def pwrite_all(fd, data, offset, path):
         if n <= 0:
             raise TransferError("write to %s at offset %d wrote nothing" % (path, offset + pos), offset=offset + pos)
         pos += n
+
+
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length multiples of this
+ALIGNED_BUFFER = 4 << 20  # the smallest per-thread aligned buffer
+
+
+def address(data):
+    """The address of a writable buffer's first byte, or None (read-only, like bytes, or empty)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data))
+    except (TypeError, ValueError):
+        return None
+
+
+def aligned(local, data, padded=None):
+    """``data`` as a page-aligned memoryview that O_DIRECT takes, zero-padded to ``padded`` bytes.
+
+    ``data`` itself when it is aligned already and needs no padding (a view of an mmap), else a
+    copy in this thread's page-aligned buffer (``local.buf``, an anonymous mmap kept for the next call).
+    """
+    view = memoryview(data)
+    length = len(view)
+    padded = length if padded is None else padded
+    if padded == length:
+        where = address(view)
+        if where is not None and where % DIRECT_ALIGN == 0:
+            return view
+    buf = getattr(local, "buf", None)
+    if buf is None or len(buf) < padded:
+        if buf is not None:
+            buf.close()
+        buf = local.buf = mmap.mmap(-1, max(padded, ALIGNED_BUFFER))  # anonymous mmaps are page-aligned
+    buf[:length] = view
+    if padded != length:
+        buf[length:padded] = bytes(padded - length)
+    return memoryview(buf)[:padded]

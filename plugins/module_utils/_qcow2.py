@@ -33,13 +33,12 @@ from __future__ import annotations
 
 import collections
 import errno
-import mmap
 import os
 import struct
 import threading
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import ConflictError, InputError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import pwrite_all
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import DIRECT_ALIGN, aligned, pwrite_all
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
@@ -53,7 +52,6 @@ _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
 EXT_BACKING_FORMAT = 0xE2792ACA
 EXT_END = 0
 MIN_CLUSTER, MAX_CLUSTER = 512, 2 << 20
-DIRECT_ALIGN = 4096
 PREALLOCATE = 256 << 20  # the file grows by fallocate() in steps this big: no extending O_DIRECT writes
 MAX_CACHED_TABLES = 256  # L2 tables kept in memory (16 MiB at 64 KiB clusters), the rest written out
 MAX_BACKING_NAME = 1023  # QEMU refuses to open a layer with a longer backing file name
@@ -363,18 +361,9 @@ class LayerWriter:
         if fd is None:
             pwrite_all(self._fd, view, offset, self.path)
             return
-        length = len(view)
-        padded = _ceil_div(length, DIRECT_ALIGN) * DIRECT_ALIGN
-        buf = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < padded:
-            if buf is not None:
-                buf.close()
-            buf = self._local.buf = mmap.mmap(-1, max(padded, 4 << 20))  # page-aligned, as O_DIRECT needs
-        buf[:length] = view
-        if padded != length:
-            buf[length:padded] = bytes(padded - length)
+        padded = _ceil_div(len(view), DIRECT_ALIGN) * DIRECT_ALIGN
         try:
-            pwrite_all(fd, memoryview(buf)[:padded], offset, self.path)
+            pwrite_all(fd, aligned(self._local, view, padded), offset, self.path)
         except TransferError as exc:
             if exc.details.get("errno") != errno.EINVAL:
                 raise

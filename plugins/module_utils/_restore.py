@@ -10,7 +10,9 @@ Data path (one restore)::
     point's layer ──_qcow2_map.PointMap (the layer files read directly: headers, L1/L2 tables)──▶
         runs, top-most layer first ─▶ DATA (layer file, host offset) / ZERO, cut into 4 MiB jobs
         DATA  ─▶ 2 reader threads (preads, readahead, dropped behind) ─▶ pooled buffers
-              ─▶ N writer threads ─▶ sink.write (librbd aio_write without a copy / pwrite)
+              ─▶ N writer threads ─▶ sink.write (librbd aio_write without a copy; a file or
+                 device: pwrite with O_DIRECT from the pooled buffers, page-aligned mmaps, else
+                 through the page cache, see DirectWrites)
         ZERO  ─▶ nothing on a NEW image or file (it reads as zeroes already);
                  written as zeroes, never skipped, on an existing image (in-place) or a device:
                  librbd write_zeroes; fallocate(PUNCH_HOLE|KEEP_SIZE), else BLKZEROOUT, else zero pwrite.
@@ -56,6 +58,7 @@ import datetime
 import errno
 import fcntl
 import json
+import mmap
 import os
 import re
 import stat
@@ -67,7 +70,8 @@ import time
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     CommandError, ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir, parse_mode, pwrite_all
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import (
+    DIRECT_ALIGN, address, aligned, fsync_dir, parse_mode, pwrite_all)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, total
 
 DEFAULT_CHUNK = 4 << 20
@@ -475,20 +479,99 @@ class RbdSink(SinkCounters):
         self.add(zero_written=length)
 
 
-class FileSink(SinkCounters):
-    """A new sparse file: data is pwritten, zero ranges are left as holes."""
+class DirectWrites(SinkCounters):
+    """Data writes of FileSink and DeviceSink: with O_DIRECT where the file or device takes it.
+
+    On a virtualised host the page cache of a new file costs more CPU than the copy (2 GiB to a
+    raw file, 2 cores: 7.2 s and 5.0 s of CPU through the page cache, 1.8 s and 0.8 s with
+    O_DIRECT, about ``qemu-img convert -t none``), so, as _qcow2.LayerWriter does, whole
+    ``align``-byte blocks go through a second descriptor opened with O_DIRECT (the same file:
+    reopened through /proc/self/fd), from page-aligned memory: the caller's buffer when it is
+    (copy_mapped's pooled buffers, see ``aligned_buffers``), else a per-thread aligned copy.
+    A head or tail that is not whole blocks (an image size that is not a multiple of 4096) goes
+    through ``fd``, the page cache; they are other pages than the direct ones.
+
+    Buffered writes only (``direct`` False) when O_DIRECT is refused: the reopen fails (EINVAL:
+    a filesystem without O_DIRECT), or a direct write fails with EINVAL (then that write is done
+    again through ``fd``, and so are all later ones).  Nothing changes but the way the bytes go:
+    the caller still fsyncs ``fd`` (which flushes the device's cache too) before reporting success.
+    """
 
     ordered = False
-    zero_method = None
 
-    def __init__(self, fd, path):
+    def __init__(self, fd, path, align=DIRECT_ALIGN, direct=True):
         super().__init__()
         self.fd = fd
         self.path = path
+        self.align = max(align, DIRECT_ALIGN)
+        self.direct = False
+        self.direct_refused = None  # why not O_DIRECT (strerror), when it was refused
+        self._direct_fd = None
+        self._local = threading.local()
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self._direct_fd = os.open("/proc/self/fd/%d" % fd, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+                self.direct = True
+            except OSError as exc:
+                # EINVAL: no O_DIRECT on this filesystem.  Anything else (no /proc, a mode that does
+                # not let us open the file again): the descriptor we have writes correctly anyway.
+                self.direct_refused = exc.strerror
+
+    @property
+    def aligned_buffers(self):
+        """Whether page-aligned buffers save a copy (copy_mapped then reads into mmap buffers)."""
+        return self.direct
 
     def write(self, offset, data):
-        pwrite_all(self.fd, data, offset, self.path)
-        self.add(written=len(data))
+        view = memoryview(data)
+        length = len(view)
+        if self.direct:
+            align = self.align
+            start = -(-offset // align) * align
+            end = (offset + length) // align * align
+            if end > start:
+                if start > offset:
+                    pwrite_all(self.fd, view[:start - offset], offset, self.path)
+                self._write_direct(start, view[start - offset:end - offset])
+                if offset + length > end:
+                    pwrite_all(self.fd, view[end - offset:], end, self.path)
+                self.add(written=length)
+                return
+        pwrite_all(self.fd, view, offset, self.path)
+        self.add(written=length)
+
+    def _write_direct(self, offset, view):
+        """``view`` (whole blocks) at ``offset`` (block-aligned) with O_DIRECT, else through ``fd``."""
+        fd = self._direct_fd
+        if self.direct and fd is not None:
+            try:
+                pwrite_all(fd, aligned(self._local, view), offset, self.path)
+                return
+            except TransferError as exc:
+                if exc.details.get("errno") != errno.EINVAL:
+                    raise
+                # Opened with O_DIRECT but this write refused: the page cache, from now on.
+                self.direct = False
+                self.direct_refused = os.strerror(errno.EINVAL)
+        pwrite_all(self.fd, view, offset, self.path)
+
+    def close(self):
+        """Close the O_DIRECT descriptor (``fd`` is the caller's)."""
+        fd, self._direct_fd = self._direct_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+
+
+class FileSink(DirectWrites):
+    """A new sparse file: data written (O_DIRECT where possible), zero ranges left as holes."""
+
+    zero_method = None
 
     def zero(self, offset, length):
         self.add(zero_skipped=length)
@@ -508,8 +591,8 @@ def _fallocate():
     return _LIBC
 
 
-class DeviceSink(SinkCounters):
-    """An existing block device: data pwritten, zero ranges zeroed, never skipped.
+class DeviceSink(DirectWrites):
+    """An existing block device: data written (O_DIRECT where possible), zero ranges zeroed, never skipped.
 
     Zeroing tries, in order and remembering what worked: ``fallocate(PUNCH_HOLE|KEEP_SIZE)``
     (unmaps on thin LVs, zvols, loop devices; the kernel guarantees zeroes on read),
@@ -517,21 +600,14 @@ class DeviceSink(SinkCounters):
     zero-filled writes.  Unaligned heads and tails are written as zero bytes.
     """
 
-    ordered = False
     METHODS = ("punch_hole", "blkzeroout", "write")
 
-    def __init__(self, fd, path, logical_block=512):
-        super().__init__()
-        self.fd = fd
-        self.path = path
+    def __init__(self, fd, path, logical_block=512, direct=True):
+        super().__init__(fd, path, logical_block, direct)
         self.logical_block = logical_block
         self.zero_method = None
         self._method_index = 0
         self._zero_buf = bytes(1 << 20)
-
-    def write(self, offset, data):
-        pwrite_all(self.fd, data, offset, self.path)
-        self.add(written=len(data))
 
     def _write_zero_bytes(self, offset, length):
         end = offset + length
@@ -1290,12 +1366,32 @@ def _open_reader(layer, size, parallel, result):
         reader.map.close()
 
 
+_MEMCMP = None
+
+
+def _memcmp():
+    global _MEMCMP  # pylint: disable=global-statement
+    if _MEMCMP is None:
+        func = ctypes.CDLL(None).memcmp
+        func.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        func.restype = ctypes.c_int
+        _MEMCMP = func
+    return _MEMCMP
+
+
 def _all_zero(data, zero_chunk):
-    """True when ``data`` (bytes or bytearray: compared with memcmp) is all zero bytes."""
+    """True when ``data`` is all zero bytes: bytes or bytearray compared with ``==`` (memcmp), a
+    writable buffer (a memoryview of an mmap, which ``==`` compares byte by byte, 80 times
+    slower) with memcmp itself; ``zero_chunk`` is zero bytes at least as long as ``data``."""
     length = len(data)
     if not length or data[0]:
         return not length
-    return data == (zero_chunk if length == len(zero_chunk) else bytes(length))
+    if isinstance(data, (bytes, bytearray)):
+        return data == (zero_chunk if length == len(zero_chunk) else bytes(length))
+    where = address(data)
+    if where is None or length > len(zero_chunk):
+        return bytes(data) == bytes(length)
+    return _memcmp()(where, zero_chunk, length) == 0
 
 
 def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_piece=ZERO_PIECE):
@@ -1307,37 +1403,43 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
     flight.  Whole-chunk jobs are read into bytearrays taken from a pool and given back once
     written (a sink is done with the data when ``write`` returns: RbdSink waits for librbd),
     so memory is a fixed ``chunk`` x (jobs in flight + readers) whatever the image size, and is
-    not allocated and faulted in again for every chunk (page faults are costly in VMs)."""
+    not allocated and faulted in again for every chunk (page faults are costly in VMs).
+
+    A sink with ``aligned_buffers`` (one writing with O_DIRECT) gets page-aligned buffers
+    instead: every job is read into a pooled anonymous mmap of ``chunk`` bytes and handed over
+    as a memoryview of its first ``length`` bytes, so that it goes to the disk without a copy."""
     lock = threading.Lock()
     counts = [0, 0]
     zero_chunk = bytes(chunk)
     pool = collections.deque()  # free whole-chunk buffers (deque append/pop are atomic)
+    use_mmap = bool(getattr(sink, "aligned_buffers", False))
 
     def read(length, pieces):
-        if length == chunk:
+        if use_mmap or length == chunk:
             try:
                 buf = pool.pop()
             except IndexError:
-                buf = bytearray(chunk)
+                buf = mmap.mmap(-1, chunk) if use_mmap else bytearray(chunk)
         else:
             buf = bytearray(length)
-        point_map.read_into(pieces, buf)
-        if _all_zero(buf, zero_chunk):
+        data = memoryview(buf)[:length] if use_mmap else buf
+        point_map.read_into(pieces, data)
+        if _all_zero(data, zero_chunk):
             release(buf)
             return None
-        return buf
+        return buf, data
 
     def release(buf):
         if len(buf) == chunk:
             pool.append(buf)
 
     def write(offset, length, reading):
-        data = None if reading is None else reading.result()
-        if data is None:
+        got = None if reading is None else reading.result()
+        if got is None:
             sink.zero(offset, length)
         else:
-            sink.write(offset, data)
-            release(data)
+            sink.write(offset, got[1])
+            release(got[0])
         with lock:
             counts[0] += 0 if reading is None else length
             counts[1] += 1
@@ -1446,9 +1548,9 @@ def _restore_raw(target, layer, point, parallel, progress, result):
     try:
         os.ftruncate(fd, size)
         progress.set_phase("mapping")
-        with _open_reader(layer, size, parallel, result) as reader:
+        with _open_reader(layer, size, parallel, result) as reader, FileSink(fd, target.temp) as sink:
             target.check_space(reader.data_bytes)
-            _transfer(reader, FileSink(fd, target.temp), parallel, progress, result, False)
+            _transfer(reader, sink, parallel, progress, result, False)
         progress.set_phase("syncing")
         target.commit()
     except BaseException:
@@ -1513,9 +1615,8 @@ def _restore_device(target, layer, point, parallel, progress, result):
     size = point["size"]
     fd, block = target.open()
     try:
-        sink = DeviceSink(fd, target.path, block)
         progress.set_phase("mapping")
-        with _open_reader(layer, size, parallel, result) as reader:
+        with _open_reader(layer, size, parallel, result) as reader, DeviceSink(fd, target.path, block) as sink:
             _transfer(reader, sink, parallel, progress, result, True)
         progress.set_phase("syncing")
         target.finish()

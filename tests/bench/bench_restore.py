@@ -4,9 +4,11 @@
 """Performance figures of qcow2_chain_restore, on a throwaway lab cluster.
 
     .venv/bin/python tests/bench/bench_restore.py [--size-mib 2048] [--repeat 3] [--parallel 8]
+                                                  [--file-only] [--device]
 
 Starts its own lab (snaplab) in a temporary directory unless $SNAPCHAIN_LAB_DIR (or
---lab-dir) names one; a lab it started is stopped at the end.  Writes --size-mib of random
+--lab-dir) names one; a lab it started is stopped at the end (--file-only: no lab, no RBD
+figures, no 30-layer chain: only the rows of 3. and 4.).  Writes --size-mib of random
 (incompressible) data to a raw file R, then builds two chains with the same final content:
 
   * "1 layer": one full point holding R;
@@ -21,11 +23,16 @@ and measures, best of --repeat rounds (the configurations interleaved), wall tim
   1. ``rbd import`` of R into a new image (client.backup): the reference;
   2. the qcow2_chain_restore module (a child process) restoring the 1-layer point into a new
      RBD image, and the 30-layer point likewise: ratio 30/1 (target <= 1.3);
-  3. for information, the 1-layer point into a raw file and a qcow2 file (qemu-img convert).
+  3. for information, the 1-layer point into a raw file and a qcow2 file (qemu-img convert);
+  4. beside the raw file, what the filesystem allows: ``qemu-img convert -O raw -t none -W`` of
+     the same point (QEMU's own O_DIRECT copy) and ``dd bs=4M oflag=direct conv=fdatasync`` of
+     as many zero bytes into a new file (the write ceiling);
+  5. with --device (root; losetup): the 1-layer point onto a loop device (``--direct-io=on``, on a
+     file in the work directory), and ``dd oflag=direct`` of the same size onto it.
 
 Every configuration's first restore is verified (sha256 of the image read back through librbd,
-or of the file, against R).  This is a benchmark, not a test: it exits 0 whatever the figures,
-non-zero only if something failed.
+or of the file or device, against R; qemu-img convert's file likewise).  This is a benchmark,
+not a test: it exits 0 whatever the figures, non-zero only if something failed.
 """
 
 import argparse
@@ -106,11 +113,18 @@ def run_child(argv, env=None):
     return seconds, (hwm[0] or usage.ru_maxrss) / 1024.0, stdout, usage.ru_utime + usage.ru_stime
 
 
-def sha256_file(path):
+def sha256_file(path, size=None):
+    """sha256 of the file (of its first ``size`` bytes: a device may be larger than the point)."""
     h = hashlib.sha256()
+    left = size
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(4 * MIB), b""):
+        while left is None or left > 0:
+            block = fh.read(4 * MIB if left is None else min(4 * MIB, left))
+            if not block:
+                break
             h.update(block)
+            if left is not None:
+                left -= len(block)
     return h.hexdigest()
 
 
@@ -168,7 +182,7 @@ class Bench:
                     parent = point
         finally:
             os.close(src)
-        return repo.disk_dir, parent
+        return repo.disk_dir, parent, repo.path(repo.chain(parent)[-1]["layer"])
 
     def _write_layer(self, path, src, runs, garbage):
         from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd  # pylint: disable=import-error
@@ -227,16 +241,51 @@ class Bench:
         self._remove_image(name)
         return dict(seconds=seconds, cpu=cpu, rss=rss, transfer=None, reader=None, verified=verified)
 
+    def _reference(self, n, label, argv, dst, verify, new_file=True):
+        """One run of a reference command writing ``dst`` (a new file, removed after it, unless
+        ``new_file`` is false: a device); the first one of a kind is verified when ``verify``."""
+        if new_file and os.path.exists(dst):
+            os.unlink(dst)
+        seconds, rss, _out, cpu = run_child(argv)
+        verified = None
+        if n == 0 and verify:
+            if sha256_file(dst, self.size) != self.sha:
+                raise BenchError("%s did not reproduce the data" % label)
+            verified = "ok"
+        if new_file:
+            os.unlink(dst)
+        return dict(seconds=seconds, cpu=cpu, rss=rss, transfer=None, reader=None, verified=verified)
+
+    def qemu_convert_raw(self, n, layer):
+        """``qemu-img convert -O raw -t none -W`` of the point's layer into a new file: QEMU's O_DIRECT copy."""
+        dst = os.path.join(self.work, "convert.raw")
+        return self._reference(n, "qemu-img convert", ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", "-t", "none",
+                                                       "-W", layer, dst], dst, True)
+
+    def dd_direct(self, n, device=None):
+        """``dd`` of as many zero bytes as the point, O_DIRECT and fdatasync'ed: the write ceiling
+        (of a new file in the work directory, or of ``device``)."""
+        dst = device or os.path.join(self.work, "dd.raw")
+        return self._reference(n, "dd", ["dd", "if=/dev/zero", "of=" + dst, "bs=4M", "count=%d" % (self.size // (4 * MIB)),
+                                         "oflag=direct", "conv=fdatasync,notrunc", "status=none"], dst, False,
+                               new_file=device is None)
+
     def restore(self, n, label, chain, point, **dest):
         """One restore by the module (a child process); the first one of each kind is verified."""
         self._serial += 1
-        params = dict(chain=chain, point=point, parallel=self.parallel, ceph_conf=self.lab.ceph_conf,
-                      ceph_client=self.lab.backup_client, keyring=self.lab.backup_keyring)
+        params = dict(chain=chain, point=point, parallel=self.parallel)
+        if self.lab is not None:
+            params.update(ceph_conf=self.lab.ceph_conf, ceph_client=self.lab.backup_client,
+                          keyring=self.lab.backup_keyring)
         image = None
         path = None
+        device = None
         if dest.get("kind") == "rbd":
             image = "bench-restore-%d" % self._serial
             params["rbd"] = dict(pool=self.lab.pool, image=image)
+        elif dest.get("kind") == "device":
+            device = dest["device"]
+            params["device"] = device
         else:
             path = os.path.join(self.work, "restored-%d.%s" % (self._serial, dest["format"]))
             params.update(file=path, format=dest["format"])
@@ -256,6 +305,8 @@ class Bench:
         if n == 0:
             if image:
                 got = self._image_sha(image)
+            elif device:
+                got = sha256_file(device, self.size)
             elif dest["format"] == "raw":
                 got = sha256_file(path)
             else:
@@ -272,6 +323,18 @@ class Bench:
             os.unlink(path)
         return dict(seconds=seconds, cpu=cpu, rss=rss, transfer=result["seconds"], reader=result.get("reader"),
                     verified=verified)
+
+
+def loop_device(path, size):
+    """A loop device (direct I/O to its backing file, so that the page cache of the file does not
+    hide the device's own rate) over a new ``size``-byte file at ``path``."""
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+    done = subprocess.run(["losetup", "--find", "--show", "--direct-io=on", path], capture_output=True, text=True,
+                          check=False)
+    if done.returncode:
+        raise BenchError("losetup failed: %s" % done.stderr.strip())
+    return done.stdout.strip()
 
 
 def best(runs):
@@ -295,27 +358,43 @@ def mbps(size, seconds):
     return size / 1e6 / seconds if seconds else 0.0
 
 
-def measure(lab, work, args):
+def measure(lab, work, args, device=None):
     size = args.size_mib * MIB
     bench = Bench(lab, work, size, args.repeat, args.parallel)
     log("writing %d MiB of random data" % args.size_mib)
     bench.make_raw()
-    log("building a 1-layer chain and a %d-layer chain with the same content" % LAYERS)
     started = time.monotonic()
-    one_dir, one_point = bench.build_chain("chain-1", 1)
-    deep_dir, deep_point = bench.build_chain("chain-%d" % LAYERS, LAYERS)
+    if lab is None:
+        log("building a 1-layer chain")
+        one_dir, one_point, one_layer = bench.build_chain("chain-1", 1)
+    else:
+        log("building a 1-layer chain and a %d-layer chain with the same content" % LAYERS)
+        one_dir, one_point, one_layer = bench.build_chain("chain-1", 1)
+        deep_dir, deep_point, _layer = bench.build_chain("chain-%d" % LAYERS, LAYERS)
     log("chains built in %.0f s" % (time.monotonic() - started))
 
-    configs = [
-        ("rbd import raw -> new image (reference)", bench.rbd_import),
-        ("restore 1 layer -> new RBD image", lambda n: bench.restore(n, "1 layer", one_dir, one_point, kind="rbd")),
-        ("restore %d layers -> new RBD image" % LAYERS,
-         lambda n: bench.restore(n, "%d layers" % LAYERS, deep_dir, deep_point, kind="rbd")),
+    configs = []
+    if lab is not None:
+        configs += [
+            ("rbd import raw -> new image (reference)", bench.rbd_import),
+            ("restore 1 layer -> new RBD image", lambda n: bench.restore(n, "1 layer", one_dir, one_point, kind="rbd")),
+            ("restore %d layers -> new RBD image" % LAYERS,
+             lambda n: bench.restore(n, "%d layers" % LAYERS, deep_dir, deep_point, kind="rbd")),
+        ]
+    configs += [
         ("restore 1 layer -> raw file", lambda n: bench.restore(n, "raw", one_dir, one_point, kind="file",
                                                                 format="raw")),
+        ("qemu-img convert -O raw -t none -W, same point", lambda n: bench.qemu_convert_raw(n, one_layer)),
+        ("dd bs=4M oflag=direct, same size -> new file", bench.dd_direct),
         ("restore 1 layer -> qcow2 file (qemu-img convert)",
          lambda n: bench.restore(n, "qcow2", one_dir, one_point, kind="file", format="qcow2")),
     ]
+    if device is not None:
+        configs += [
+            ("restore 1 layer -> loop device (direct-io)",
+             lambda n: bench.restore(n, "device", one_dir, one_point, kind="device", device=device)),
+            ("dd bs=4M oflag=direct, same size -> loop device", lambda n: bench.dd_direct(n, device)),
+        ]
     runs = dict((label, []) for label, _fn in configs)
     for n in range(args.repeat):  # interleaved, so that load from other work hits every configuration alike
         for label, fn in configs:
@@ -325,11 +404,8 @@ def measure(lab, work, args):
             log("round %d: %s: %.2f s%s" % (n + 1, label, run["seconds"], transfer))
     results = dict((label, best(r)) for label, r in runs.items())
     ref = results[configs[0][0]]
-    one = results[configs[1][0]]
-    deep = results[configs[2][0]]
-    ratio = deep["seconds"] / one["seconds"]
-    out = ["qcow2_chain_restore: %d MiB of random data, parallel %d, lab %s, best of %d runs"
-           % (args.size_mib, args.parallel, lab.dir, args.repeat),
+    out = ["qcow2_chain_restore: %d MiB of random data, parallel %d, %s, best of %d runs"
+           % (args.size_mib, args.parallel, "lab %s" % lab.dir if lab else "no lab (--file-only)", args.repeat),
            "(%d cores shared with other work: timings are noisy; wall time of whole processes)" % os.cpu_count(), ""]
     rows = []
     for label, _fn in configs:
@@ -337,10 +413,19 @@ def measure(lab, work, args):
         rows.append([label, "%.2f" % run["seconds"], "%.2f" % run["cpu"],
                      "" if run["transfer"] is None else "%.2f" % run["transfer"],
                      "%.0f" % mbps(size, run["seconds"]), "%.2f" % (run["seconds"] / ref["seconds"]),
-                     "%.0f" % run["rss"], run["reader"] or "", run["verified"], " ".join("%.1f" % x for x in run["all"])])
-    out.append(table(rows, ["", "seconds", "CPU s (min)", "transfer s", "MB/s", "x rbd import", "peak RSS MB", "reader",
-                            "verified", "all runs"]))
+                     "%.0f" % run["rss"], run["reader"] or "", run["verified"] or "-", " ".join("%.1f" % x for x in run["all"])])
+    out.append(table(rows, ["", "seconds", "CPU s (min)", "transfer s", "MB/s",
+                            "x rbd import" if lab else "x raw file", "peak RSS MB", "reader", "verified", "all runs"]))
     out.append("")
+    raw = results["restore 1 layer -> raw file"]
+    convert = results["qemu-img convert -O raw -t none -W, same point"]
+    out.append("restore to a raw file vs qemu-img convert -t none -W: %.2fx the time, %.2fx the CPU time"
+               % (raw["seconds"] / convert["seconds"], raw["cpu"] / convert["cpu"]))
+    if lab is None:
+        return "\n".join(out)
+    one = results[configs[1][0]]
+    deep = results[configs[2][0]]
+    ratio = deep["seconds"] / one["seconds"]
     out.append("restore time, %d layers / 1 layer: %.2f (target <= %.1f): %s"
                % (LAYERS, ratio, TARGET_DEPTH_RATIO, "PASS" if ratio <= TARGET_DEPTH_RATIO else "MISS"))
     out.append("restore to a new RBD image vs rbd import: %.2fx the time (target <= 1.0): %s; %.2fx the CPU time"
@@ -357,6 +442,10 @@ def main(argv=None):
     parser.add_argument("--lab-dir", help="use (or start) the lab in this directory (default: $SNAPCHAIN_LAB_DIR, "
                                           "else a new temp dir)")
     parser.add_argument("--work-dir", help="where chains and scratch files go (default: a new temp dir, removed)")
+    parser.add_argument("--file-only", action="store_true",
+                        help="no lab: only the file (and --device) figures, a 1-layer chain")
+    parser.add_argument("--device", action="store_true",
+                        help="also restore onto a loop device (root: losetup --direct-io=on on a file in the work dir)")
     args = parser.parse_args(argv)
     if args.size_mib < 64 or args.repeat < 1:
         parser.error("--size-mib must be >= 64 and --repeat >= 1")
@@ -367,17 +456,25 @@ def main(argv=None):
     if not os.path.exists(link):
         os.makedirs(os.path.dirname(link), exist_ok=True)
         os.symlink(ROOT, link)
+        # build/collections did not exist when it was put on sys.path: forget that it was missing
+        sys.path_importer_cache.pop(COLLECTIONS, None)
     work = args.work_dir or tempfile.mkdtemp(prefix="snapchain-bench-restore-", dir="/var/tmp")
     os.makedirs(work, exist_ok=True)
     lab = None
+    device = None
     try:
-        lab = snaplab.Lab.start(lab_dir)
-        print(measure(lab, work, args))
+        if not args.file_only:
+            lab = snaplab.Lab.start(lab_dir)
+        if args.device:
+            device = loop_device(os.path.join(work, "loop.img"), args.size_mib * MIB)
+        print(measure(lab, work, args, device))
         return 0
     except (BenchError, snaplab.LabError) as exc:
         print("bench_restore: %s" % exc, file=sys.stderr)
         return 1
     finally:
+        if device is not None:
+            subprocess.run(["losetup", "-d", device], check=False)
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
         if lab is not None and not lab.reused:

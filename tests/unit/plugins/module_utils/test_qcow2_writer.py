@@ -1019,21 +1019,6 @@ def test_header(tmp_path):
     assert raw[len(written):] == bytes(cs - len(written))  # the rest of cluster 0 is zeroes
 
 
-@pytest.fixture
-def tiny_fs(tmp_path):
-    """A real 8 MiB tmpfs: a full filesystem without simulating one (root only, else skipped)."""
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
-    if done.returncode:
-        pytest.skip("cannot mount a tmpfs here: %s" % done.stderr.strip())
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
 def test_reserve_beyond_the_free_space_is_only_a_hint(tiny_fs, tmp_path):
     """reserve() of far more than the filesystem holds (a full of a thin image whose data is mostly
     zeroes) must not fail the backup; the fallocate steps shrink to what a write needs."""
