@@ -19,13 +19,8 @@ description:
     reports it as not found). Runs on the host where the jobs run. Changes nothing.
 author:
   - snapchain developers (@snapchain)
-attributes:
-  check_mode:
-    support: full
-    description: Changes nothing in any mode.
-  diff_mode:
-    support: none
-    description: There is nothing to show a diff of.
+extends_documentation_fragment:
+  - snapchain.vmbackup.read_only
 options:
   results_files:
     description: The C(results_file) of each job, as registered when it was started.

@@ -23,17 +23,12 @@ description:
     backing chain of a qcow2 file is read with C(qemu-img info -U).
 author:
   - snapchain developers (@snapchain)
+extends_documentation_fragment:
+  - snapchain.vmbackup.read_only
 requirements:
   - libvirt Python bindings (C(python3-libvirt)) on the managed host
   - jmespath on the managed host, for O(query)
   - qemu-img and lvm2 (optional, for O(probe_storage))
-attributes:
-  check_mode:
-    support: full
-    description: Changes nothing in any mode.
-  diff_mode:
-    support: none
-    description: Changes nothing, so there is nothing to show.
 options:
   uri:
     description: The libvirt connection URI.

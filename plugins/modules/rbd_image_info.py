@@ -17,11 +17,8 @@ description:
 author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
+  - snapchain.vmbackup.read_only
   - snapchain.vmbackup.ceph
-attributes:
-  check_mode:
-    support: full
-    description: Changes nothing in any mode.
 options:
   pool:
     description: The pool to list.

@@ -15,12 +15,9 @@ description:
 author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
+  - snapchain.vmbackup.read_only
   - snapchain.vmbackup.ceph
   - snapchain.vmbackup.rbd_image
-attributes:
-  check_mode:
-    support: full
-    description: Changes nothing in any mode.
 options:
   prefix:
     description: Prefix of managed snapshot names.
