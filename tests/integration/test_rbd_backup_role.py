@@ -23,7 +23,7 @@ SIZE = 16 * MiB
 BACKUP_PLAYBOOK = os.path.join(ROOT, "playbooks", "backup.yml")
 
 
-def run_backup(lab, tmp_path, host_vars, expect_rc=0):
+def run_backup(lab, tmp_path, host_vars, expect_rc=0, check=False):
     """ansible-playbook playbooks/backup.yml with an inventory holding ``host_vars`` for localhost."""
     host = dict(
         ansible_connection="local",
@@ -48,6 +48,8 @@ def run_backup(lab, tmp_path, host_vars, expect_rc=0):
         "ANSIBLE_LOCAL_TEMP": os.path.join(ROOT, "build", "ansible-tmp"),
     })
     argv = [os.path.join(os.path.dirname(sys.executable), "ansible-playbook"), "-i", str(inventory), BACKUP_PLAYBOOK]
+    if check:
+        argv.append("--check")
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
     if proc.returncode != expect_rc:
         raise AssertionError("backup.yml exited %d (expected %d)\n--- stdout\n%s\n--- stderr\n%s"
@@ -224,6 +226,20 @@ def test_failed_image_does_not_stop_the_others(lab, images, tmp_path):
     failure = [line for line in proc.stdout.splitlines() if line.startswith("fatal: [localhost]: FAILED!")]
     assert len(failure) == 1 and "2 backup(s) failed on localhost" in failure[0], proc.stdout
     assert "%s/%s (image %s/%s does not exist)" % (lab.pool, ghost, lab.pool, ghost) in failure[0]
+
+
+def test_check_mode_with_more_disks_than_slots_changes_nothing(lab, images, tmp_path):
+    names = [images.create(images.prefix + "-cm%d" % n) for n in range(3)]
+    proc = run_backup(lab, tmp_path, dict(rbd_backup_images=[{"pool": lab.pool, "image": n} for n in names]),
+                      check=True)
+    lines = summary(proc)
+    assert lines[0].startswith("3 of 3 backup(s) done, 0 failed"), lines
+    for name in names:
+        assert "full (first backup of this disk) [check mode: nothing written]" in line_for(
+            lines, "%s/%s" % (lab.pool, name))
+        assert images.snapshots(name) == []
+    assert "TASK [snapchain.vmbackup.rbd_backup : Wait for a slot before %s/%s]" % (lab.pool, names[2]) in proc.stdout
+    assert os.listdir(tmp_path / "repo") == []
 
 
 def test_preflight_refuses_a_missing_repository(lab, tmp_path):
