@@ -158,3 +158,4 @@ def test_many_threads_read_smaller_chunks_and_the_copy_is_the_same():
         assert bytes(sink.buf) == data and stats.bytes_read == len(data) and len(digests) == 64
         assert max(length for _offset, length in src.reads) == chunk_for(parallel, 32 * B, B)
     assert chunk_for(64, 32 * B, B) == 8 * B < 32 * B
+    assert chunk_for(4, 4 * K, B) == 4 * K  # never more than asked for
