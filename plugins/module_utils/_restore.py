@@ -1545,6 +1545,11 @@ def _restore_rbd(target, layer, point, parallel, progress, result):
     _finish_stats(result, started)
 
 
+def _direct_result(sink, result):
+    """Say in the result whether the data went to the disk with O_DIRECT, and if not, why."""
+    result.update(direct_io=sink.direct, direct_io_refused=sink.direct_refused)
+
+
 def _restore_raw(target, layer, point, parallel, progress, result):
     started = time.monotonic()
     size = point["size"]
@@ -1555,6 +1560,7 @@ def _restore_raw(target, layer, point, parallel, progress, result):
         with _open_reader(layer, size, parallel, result) as reader, FileSink(fd, target.temp) as sink:
             target.check_space(reader.data_bytes)
             _transfer(reader, sink, parallel, progress, result, False)
+            _direct_result(sink, result)
         progress.set_phase("syncing")
         target.commit()
     except BaseException:
@@ -1627,6 +1633,7 @@ def _restore_device(target, layer, point, parallel, progress, result):
         progress.set_phase("mapping")
         with _open_reader(layer, size, parallel, result) as reader, DeviceSink(fd, target.path, block) as sink:
             _transfer(reader, sink, parallel, progress, result, True)
+            _direct_result(sink, result)
         progress.set_phase("syncing")
         target.finish()
     finally:

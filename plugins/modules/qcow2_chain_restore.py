@@ -273,6 +273,18 @@ zero_method:
   description: How zeroes were written, V(write_zeroes), V(punch_hole), V(blkzeroout) or V(write); null if none were.
   returned: success, not in check mode
   type: str
+direct_io:
+  description:
+    - For a raw file or a block device, whether the data was written with O_DIRECT (bypassing the page
+      cache) to the end. False when the filesystem refused it (RV(direct_io_refused) says why); the data
+      then went through the page cache, equally safe (the target is fsynced before success), only slower.
+  returned: success, not in check mode, for a raw file or a block device
+  type: bool
+  sample: true
+direct_io_refused:
+  description: Why O_DIRECT was not used (or stopped being used) for a raw file or a block device; null if it was.
+  returned: success, not in check mode, for a raw file or a block device
+  type: str
 reader:
   description:
     - How the point was read, V(qcow2) (its layer files read directly) or V(qemu-nbd) (the fallback, see

@@ -9,6 +9,7 @@ gives.
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -166,6 +167,7 @@ def test_every_point_to_a_raw_file(chain, tmp_path):
         r = restore(chain, point=point["name"], file=str(dest))
         assert r["destination"] == dict(type="file", path=str(dest), format="raw", replaced=False)
         assert r["reader"] == "qcow2"
+        assert r["direct_io"] is True and r["direct_io_refused"] is None  # ext4 takes O_DIRECT
         assert os.path.getsize(dest) == point["size"]
         assert sha256_file(dest) == chain["shas"][n], "point p%d" % n
         assert os.stat(dest).st_blocks * 512 < point["size"]  # sparse: zero ranges are holes
@@ -186,9 +188,9 @@ def test_every_point_to_a_qcow2_file(chain, tmp_path):
         assert oct(os.stat(dest).st_mode & 0o777) == "0o640"
 
 
-def test_a_qcow2_file_where_o_direct_is_refused(chain, tmp_path):
-    """qemu-img convert writes with -t none where it can; on a ramfs (which refuses O_DIRECT, unlike a
-    tmpfs on Linux >= 6.6) it writes through the page cache instead of failing."""
+def test_files_where_o_direct_is_refused(chain, tmp_path):
+    """qemu-img convert (a qcow2 file) and our raw writer use O_DIRECT where they can; on a ramfs (which
+    refuses it, unlike a tmpfs on Linux >= 6.6) they write through the page cache, and say so."""
     mnt = tmp_path / "ramfs"
     mnt.mkdir()
     done = subprocess.run(["mount", "-t", "ramfs", "-o", "mode=0700", "ramfs", str(mnt)], capture_output=True,
@@ -201,7 +203,11 @@ def test_a_qcow2_file_where_o_direct_is_refused(chain, tmp_path):
         dest = mnt / "last.qcow2"
         restore(chain, point=chain["points"][-1]["name"], file=str(dest), format="qcow2")
         assert point_sha(dest, tmp_path) == chain["shas"][-1]
-        assert sorted(os.listdir(mnt)) == ["last.qcow2", "probe"]
+        raw = mnt / "last.raw"
+        r = restore(chain, point=chain["points"][-1]["name"], file=str(raw))
+        assert r["direct_io"] is False and r["direct_io_refused"] == os.strerror(errno.EINVAL)
+        assert sha256_file(raw) == chain["shas"][-1]
+        assert sorted(os.listdir(mnt)) == ["last.qcow2", "last.raw", "probe"]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
@@ -218,6 +224,7 @@ def test_every_point_to_a_loop_device(chain, tmp_path):
             point = chain["points"][n]
             r = restore(chain, point=point["name"], device=dev)
             assert r["zero_method"] in ("punch_hole", "blkzeroout", "write") and r["reader"] == "qcow2"
+            assert r["direct_io"] is True
             assert r["zero_bytes_written"] > 0  # zero ranges are written on a device, never skipped
             assert r["destination"]["device_size"] == size
             assert sha256_file(dev, point["size"]) == chain["shas"][n], "point p%d" % n
