@@ -52,9 +52,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLLECTIONS = os.path.join(ROOT, "build", "collections")
 sys.path.insert(0, os.path.join(ROOT, "tests", "lab"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))  # shas.py: the tests' own sha256_file
 sys.path.insert(0, COLLECTIONS)
 
 import snaplab  # noqa: E402  pylint: disable=wrong-import-position
+from shas import sha256_file  # noqa: E402  pylint: disable=wrong-import-position
 
 MIB = 1 << 20
 BLOCK = 64 * 1024
@@ -111,21 +113,6 @@ def run_child(argv, env=None):
     if rc:
         raise BenchError("%s failed (rc=%d): %s" % (" ".join(argv[:3]), rc, (stderr or stdout)[-2000:]))
     return seconds, (hwm[0] or usage.ru_maxrss) / 1024.0, stdout, usage.ru_utime + usage.ru_stime
-
-
-def sha256_file(path, size=None):
-    """sha256 of the file (of its first ``size`` bytes: a device may be larger than the point)."""
-    h = hashlib.sha256()
-    left = size
-    with open(path, "rb") as fh:
-        while left is None or left > 0:
-            block = fh.read(4 * MIB if left is None else min(4 * MIB, left))
-            if not block:
-                break
-            h.update(block)
-            if left is not None:
-                left -= len(block)
-    return h.hexdigest()
 
 
 class Bench:

@@ -1,5 +1,7 @@
 """Fixtures shared by the module_utils unit tests."""
 
+import errno
+import os
 import subprocess
 
 import pytest
@@ -18,3 +20,22 @@ def tiny_fs(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture
+def refuse_o_direct(monkeypatch):
+    """``refuse(err=EINVAL, patch=monkeypatch)``: from then on (while ``patch`` holds) every
+    ``os.open`` with O_DIRECT fails with ``err``.  A simulated fault: EINVAL is what a filesystem
+    without O_DIRECT answers (a tmpfs before Linux 6.6, some FUSE mounts)."""
+
+    def refuse(err=errno.EINVAL, patch=monkeypatch):
+        real_open = os.open
+
+        def fake_open(path, flags, *args, **kwargs):
+            if flags & os.O_DIRECT:
+                raise OSError(err, os.strerror(err))
+            return real_open(path, flags, *args, **kwargs)
+
+        patch.setattr(os, "open", fake_open)
+
+    return refuse

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import signal
@@ -265,19 +264,12 @@ def test_server_dies_with_a_killed_parent(tmp_path):
         parent.stdout.close()
 
 
-def test_usable_cache_mode_falls_back_without_o_direct(tmp_path, monkeypatch):
+def test_usable_cache_mode_falls_back_without_o_direct(tmp_path, refuse_o_direct):
     assert _nbd.usable_cache_mode("writeback", str(tmp_path)) == "writeback"
     assert _nbd.usable_cache_mode("none", str(tmp_path)) == "none"  # ext4 here supports O_DIRECT
     # Simulated fault: every filesystem on this machine (tmpfs included, kernel 6.x) accepts
     # O_DIRECT, so the EINVAL an older tmpfs or a FUSE mount returns is injected here.
-    real_open = os.open
-
-    def no_direct(path, flags, *args):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args)
-
-    monkeypatch.setattr(os, "open", no_direct)
+    refuse_o_direct()
     assert _nbd.usable_cache_mode("none", str(tmp_path)) == "writeback"
     assert _nbd.usable_cache_mode("directsync", str(tmp_path)) == "writethrough"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".odirect")]

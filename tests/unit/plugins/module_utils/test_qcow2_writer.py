@@ -679,18 +679,11 @@ def test_on_tmpfs(tmp_path):
         shutil.rmtree(directory)
 
 
-def test_o_direct_refused_at_open(tmp_path, monkeypatch):
+def test_o_direct_refused_at_open(tmp_path, monkeypatch, refuse_o_direct):
     """What a tmpfs before Linux 6.6 does: open(O_DIRECT) fails with EINVAL; the writer goes buffered."""
-    real_open = os.open
-
-    def no_direct(path, flags, *args, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args, **kwargs)
-
     cs = 4096
     with monkeypatch.context() as patch:
-        patch.setattr(os, "open", no_direct)
+        refuse_o_direct(patch=patch)
         layer = Layer(tmp_path / "a.qcow2", 10 * cs + 1536, cs)
     assert layer.writer.direct is False
     layer.write(0, 4)
@@ -699,15 +692,8 @@ def test_o_direct_refused_at_open(tmp_path, monkeypatch):
     verify([layer.close()], tmp_path)
 
 
-def test_o_direct_open_fails_otherwise(tmp_path, monkeypatch):
-    real_open = os.open
-
-    def denied(path, flags, *args, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EACCES, "Permission denied")
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", denied)
+def test_o_direct_open_fails_otherwise(tmp_path, refuse_o_direct):
+    refuse_o_direct(errno.EACCES)
     with pytest.raises(TransferError):
         q.LayerWriter(str(tmp_path / "a.qcow2"), 4096, cluster_size=4096)
     assert not os.listdir(tmp_path)

@@ -107,16 +107,9 @@ def sinks(monkeypatch):
 
 
 @pytest.fixture
-def no_o_direct(monkeypatch):
+def no_o_direct(refuse_o_direct):
     """What a filesystem without O_DIRECT does (a tmpfs before Linux 6.6): open(O_DIRECT) is EINVAL."""
-    real_open = os.open
-
-    def refuse(path, flags, *args, **kwargs):
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args, **kwargs)
-
-    monkeypatch.setattr(os, "open", refuse)
+    refuse_o_direct()
 
 
 def restore_raw(top, dest, size, parallel=4):
