@@ -85,3 +85,35 @@ def aligned(local, data, padded=None):
     if padded != length:
         buf[length:padded] = bytes(padded - length)
     return memoryview(buf)[:padded]
+
+
+_MEMCMP = None
+
+
+def _memcmp():
+    global _MEMCMP  # pylint: disable=global-statement
+    if _MEMCMP is None:
+        func = ctypes.CDLL(None).memcmp
+        func.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        func.restype = ctypes.c_int
+        _MEMCMP = func
+    return _MEMCMP
+
+
+def all_zero(data, zero_chunk):
+    """True when ``data`` is all zero bytes; ``zero_chunk``: zero bytes, normally at least as long.
+
+    bytes and bytearray compare with ``==`` (memcmp: stops at the first non-zero byte, ~50 GB/s on
+    zeroes); a writable buffer (a memoryview of an mmap) with memcmp itself; any other view through
+    a copy, because ``==`` on a memoryview unpacks it item by item under the GIL (~1 GB/s, 80 times
+    slower).
+    """
+    length = len(data)
+    if not length or data[0]:
+        return not length
+    if isinstance(data, (bytes, bytearray)):
+        return data == (zero_chunk if length == len(zero_chunk) else bytes(length))
+    where = address(data)
+    if where is None or length > len(zero_chunk):
+        return bytes(data) == (zero_chunk if length == len(zero_chunk) else bytes(length))
+    return _memcmp()(where, zero_chunk, length) == 0

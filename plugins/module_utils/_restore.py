@@ -71,7 +71,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
     CommandError, ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import (
-    DIRECT_ALIGN, address, aligned, fsync_dir, parse_mode, pwrite_all)
+    DIRECT_ALIGN, aligned, all_zero, fsync_dir, parse_mode, pwrite_all)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, total
 
 DEFAULT_CHUNK = 4 << 20
@@ -1370,34 +1370,6 @@ def _open_reader(layer, size, parallel, result):
         reader.map.close()
 
 
-_MEMCMP = None
-
-
-def _memcmp():
-    global _MEMCMP  # pylint: disable=global-statement
-    if _MEMCMP is None:
-        func = ctypes.CDLL(None).memcmp
-        func.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-        func.restype = ctypes.c_int
-        _MEMCMP = func
-    return _MEMCMP
-
-
-def _all_zero(data, zero_chunk):
-    """True when ``data`` is all zero bytes: bytes or bytearray compared with ``==`` (memcmp), a
-    writable buffer (a memoryview of an mmap, which ``==`` compares byte by byte, 80 times
-    slower) with memcmp itself; ``zero_chunk`` is zero bytes at least as long as ``data``."""
-    length = len(data)
-    if not length or data[0]:
-        return not length
-    if isinstance(data, (bytes, bytearray)):
-        return data == (zero_chunk if length == len(zero_chunk) else bytes(length))
-    where = address(data)
-    if where is None or length > len(zero_chunk):
-        return bytes(data) == bytes(length)
-    return _memcmp()(where, zero_chunk, length) == 0
-
-
 def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_piece=ZERO_PIECE):
     """Copy every job of ``point_map`` into ``sink``; return (bytes read, write and zero operations).
 
@@ -1428,7 +1400,7 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
             buf = bytearray(length)
         data = memoryview(buf)[:length] if use_mmap else buf
         point_map.read_into(pieces, data)
-        if _all_zero(data, zero_chunk):
+        if all_zero(data, zero_chunk):
             release(buf)
             return None
         return buf, data

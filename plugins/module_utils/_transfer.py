@@ -33,6 +33,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import Z
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import all_zero
 
 DEFAULT_CHUNK = 4 << 20
 IN_FLIGHT_BYTES = 32 << 20  # chunks being read or written, summed over the threads (8 x 4 MiB)
@@ -149,23 +150,6 @@ def _in_ranges(ranges, b):
     return i >= 0 and ranges[i][0] <= b < ranges[i][1]
 
 
-def _all_zero(data, zero_buf):
-    """True when ``data`` (at most ``len(zero_buf)`` bytes) is all zero bytes.
-
-    bytes/bytearray compare with memcmp (stops at the first non-zero byte, ~50 GB/s
-    on zero data); a memoryview comparison unpacks item by item under the GIL
-    (~1 GB/s), which made zero-heavy chunks cost as much as hashing them.
-    """
-    length = len(data)
-    if not length:
-        return True
-    if data[0]:
-        return False
-    if isinstance(data, (bytes, bytearray)):
-        return data == (zero_buf if length == len(zero_buf) else bytes(length))
-    return bytes(data) == (zero_buf if length == len(zero_buf) else bytes(length))  # a copy + memcmp beats a view compare
-
-
 def _chunks(extents, chunk):
     for ext in extents:
         if ext.kind == ZERO:
@@ -250,7 +234,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
         pos = 0
         while pos < ext.length:
             n = min(block_size - (ext.offset + pos) % block_size, ext.length - pos)
-            kind = ZERO if _all_zero(view[pos:pos + n], zero_buf) else DATA
+            kind = ZERO if all_zero(view[pos:pos + n], zero_buf) else DATA
             if runs and runs[-1][0] == kind:
                 runs[-1][2] += n
             else:
@@ -266,7 +250,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
         if len(data) != ext.length:
             raise TransferError("short read at offset %d: %d of %d bytes" % (ext.offset, len(data), ext.length),
                                 offset=ext.offset)
-        if _all_zero(data, zero_buf):
+        if all_zero(data, zero_buf):
             return [(Extent(ext.offset, ext.length, ZERO), None)]
         if block_size and not sink.ordered:
             return split_zero_blocks(ext, data)

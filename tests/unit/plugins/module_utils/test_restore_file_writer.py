@@ -24,6 +24,7 @@ import pytest
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd, _restore
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import all_zero
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
                                 reason="needs qemu-img and qemu-io (qemu-utils)")
@@ -116,7 +117,7 @@ def restore_raw(top, dest, size, parallel=4):
     target = _restore.FileTarget(str(dest), "raw", False, 0o640)
     target.check()
     result = {}
-    _restore._restore_raw(target, top, dict(size=size), parallel, _restore.Progress(None), result)  # pylint: disable=protected-access
+    _restore._restore_raw(target, top, dict(size=size), parallel, _restore.Progress(None), result)
     return result
 
 
@@ -200,7 +201,7 @@ def test_raw_file_when_a_direct_write_is_refused(tmp_path, sinks, monkeypatch):
     refused = []
 
     def picky(fd, data, offset, path):
-        if sinks and fd == sinks[0]._direct_fd:  # pylint: disable=protected-access
+        if sinks and fd == sinks[0]._direct_fd:
             refused.append(offset)
             raise TransferError("refused", offset=offset, errno=errno.EINVAL)
         return real(fd, data, offset, path)
@@ -220,7 +221,7 @@ def test_a_failed_direct_write_fails_the_restore_and_leaves_no_file(tmp_path, si
     real_pwrite = os.pwrite
 
     def failing(fd, data, offset):
-        if sinks and fd == sinks[0]._direct_fd and offset >= 4 * MiB:  # pylint: disable=protected-access
+        if sinks and fd == sinks[0]._direct_fd and offset >= 4 * MiB:
             raise OSError(errno.EIO, "Input/output error")
         return real_pwrite(fd, data, offset)
 
@@ -325,13 +326,13 @@ def test_all_zero_of_mmap_views():
     zero_chunk = bytes(MiB)
     page = mmap.mmap(-1, MiB)
     view = memoryview(page)
-    assert _restore._all_zero(view, zero_chunk) and _restore._all_zero(view[:5000], zero_chunk)  # pylint: disable=protected-access
+    assert all_zero(view, zero_chunk) and all_zero(view[:5000], zero_chunk)
     page[MiB - 1] = 1
-    assert not _restore._all_zero(view, zero_chunk)  # pylint: disable=protected-access
-    assert _restore._all_zero(view[:MiB - 1], zero_chunk)  # pylint: disable=protected-access
+    assert not all_zero(view, zero_chunk)
+    assert all_zero(view[:MiB - 1], zero_chunk)
     page[0] = 7
-    assert not _restore._all_zero(view[:1], zero_chunk)  # pylint: disable=protected-access
-    assert _restore._all_zero(bytes(10), zero_chunk) and not _restore._all_zero(b"\0\0\1", zero_chunk)  # pylint: disable=protected-access
+    assert not all_zero(view[:1], zero_chunk)
+    assert all_zero(bytes(10), zero_chunk) and not all_zero(b"\0\0\1", zero_chunk)
 
 
 # -- a real block device -----------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def test_device_reads_like_qemu_img_convert_and_zero_ranges_are_zeroed(tmp_path,
     target = _restore.DeviceTarget(dev, False)
     target.check(size)
     result = {}
-    _restore._restore_device(target, top, dict(size=size), 4, _restore.Progress(None), result)  # pylint: disable=protected-access
+    _restore._restore_device(target, top, dict(size=size), 4, _restore.Progress(None), result)
     with open(dev, "rb") as fh:
         got = fh.read(size + MiB)
     assert got[:size] == converted(top, tmp_path)
