@@ -78,8 +78,8 @@ waited:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._jobs import wait
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.jobs import wait
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 
 
 def main():
@@ -92,7 +92,7 @@ def main():
         ),
         supports_check_mode=True,
     )
-    result = run(module, lambda: wait(module.params))
+    result = run_module(module, lambda: wait(module.params))
     module.exit_json(**result)
 
 

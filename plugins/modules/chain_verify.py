@@ -249,10 +249,10 @@ already_bad:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._verify import verify
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.connection import ceph_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.verify import verify
 
 
 def main():
@@ -275,7 +275,7 @@ def main():
     )
     if not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
-    result = run(module, lambda: verify(module.params, check_mode=module.check_mode))
+    result = run_module(module, lambda: verify(module.params, check_mode=module.check_mode))
     for warning in result["repository_warnings"]:
         module.warn(warning)
     if result.pop("failed"):

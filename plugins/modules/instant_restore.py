@@ -210,8 +210,10 @@ removed_files:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _instant, _libvirt
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import instant as _instant
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as _libvirt
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 
 
 def main():
@@ -243,7 +245,7 @@ def main():
     params = dict(module.params)
     if params["before"] and params["point"] == "latest":
         params["point"] = None
-    result = run(module, lambda: _instant.instant_restore(params, check_mode=module.check_mode))
+    result = run_module(module, lambda: _instant.instant_restore(params, check_mode=module.check_mode))
     module.exit_json(**result)
 
 

@@ -319,8 +319,8 @@ unmatched:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as _libvirt
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 
 
 def main():
@@ -340,7 +340,7 @@ def main():
         module.fail_json(msg=missing_required_lib("libvirt (python3-libvirt)"), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
     if module.params["query"] and not _libvirt.HAS_JMESPATH:
         module.fail_json(msg=missing_required_lib("jmespath"), exception=_libvirt.JMESPATH_IMPORT_ERROR)
-    result = run(module, lambda: _libvirt.disks_info(module.params))
+    result = run_module(module, lambda: _libvirt.disks_info(module.params))
     module.exit_json(**result)
 
 

@@ -76,8 +76,8 @@ sha256:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as _libvirt
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 
 
 def main():
@@ -91,7 +91,7 @@ def main():
     )
     if not _libvirt.HAS_LIBVIRT:
         module.fail_json(msg=missing_required_lib("libvirt (python3-libvirt)"), exception=_libvirt.LIBVIRT_IMPORT_ERROR)
-    result = run(module, lambda: _libvirt.save_inactive_xml(module.params, check_mode=module.check_mode))
+    result = run_module(module, lambda: _libvirt.save_inactive_xml(module.params, check_mode=module.check_mode))
     diff = result.pop("diff")
     if module._diff and result["changed"]:
         result["diff"] = diff

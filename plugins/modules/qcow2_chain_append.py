@@ -160,10 +160,10 @@ mb_per_s:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._append import append_point
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import repository_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.append import append_point
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import repository_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 
 
 def main():
@@ -184,7 +184,7 @@ def main():
     needs_nbd = module.params["diff"] or module.params["writer"] == "nbd"
     if needs_nbd and not module.check_mode and not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
-    result = run(module, lambda: append_point(module.params, check_mode=module.check_mode))
+    result = run_module(module, lambda: append_point(module.params, check_mode=module.check_mode))
     module.exit_json(**result)
 
 

@@ -312,9 +312,9 @@ mb_per_s:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import ceph_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._restore import restore
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.connection import ceph_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import restore
 
 
 def main():
@@ -342,7 +342,7 @@ def main():
         required_one_of=[("rbd", "file", "device")],
         supports_check_mode=True,
     )
-    result = run(module, lambda: restore(module.params, check_mode=module.check_mode))
+    result = run_module(module, lambda: restore(module.params, check_mode=module.check_mode))
     warnings = result.pop("warnings", [])
     for warning in warnings:
         module.warn(warning)

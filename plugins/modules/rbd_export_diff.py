@@ -163,12 +163,12 @@ mb_per_s:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import repository_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_backup import backup_to_chain, export_diff_file
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.connection import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import repository_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.rbd_backup import backup_to_chain, export_diff_file
 
 
 def main():
@@ -194,7 +194,7 @@ def main():
     if module.params["chain"] and module.params["writer"] == "nbd" and not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
     action = backup_to_chain if module.params["chain"] else export_diff_file
-    result = run(module, lambda: action(module.params, check_mode=module.check_mode))
+    result = run_module(module, lambda: action(module.params, check_mode=module.check_mode))
     module.exit_json(**result)
 
 

@@ -141,10 +141,10 @@ seconds:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_import import import_diffs
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.connection import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.import_diff import import_diffs
 
 
 def main():
@@ -162,7 +162,7 @@ def main():
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
-    result = run(module, lambda: import_diffs(module.params, check_mode=module.check_mode))
+    result = run_module(module, lambda: import_diffs(module.params, check_mode=module.check_mode))
     module.exit_json(**result)
 
 

@@ -81,10 +81,10 @@ fast_diff:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import image_argument_spec
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_snapshot import snapshot_info
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.connection import image_argument_spec
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.snapshots import snapshot_info
 
 
 def main():
@@ -96,7 +96,7 @@ def main():
     )
     if not _rbd.HAS_RBD:
         module.fail_json(msg=missing_required_lib("rbd (python3-rbd)"), exception=_rbd.RBD_IMPORT_ERROR)
-    result = run(module, lambda: snapshot_info(module.params))
+    result = run_module(module, lambda: snapshot_info(module.params))
     module.exit_json(**result)
 
 

@@ -236,8 +236,8 @@ actions:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _freeze
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._module import run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import freeze as _freeze
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 
 
 def main():
@@ -257,7 +257,7 @@ def main():
     )
     if not _freeze.HAS_LIBVIRT:
         module.fail_json(msg=missing_required_lib("libvirt (python3-libvirt)"), exception=_freeze.LIBVIRT_IMPORT_ERROR)
-    result = run(module, lambda: _freeze.ensure(module.params, check_mode=module.check_mode))
+    result = run_module(module, lambda: _freeze.ensure(module.params, check_mode=module.check_mode))
     if result.get("failure"):
         module.warn("%s; carrying on crash-consistent (on_failure=continue)" % result["failure"])
     if result.get("filesystems_frozen") == 0 and result.get("changed"):

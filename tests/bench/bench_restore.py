@@ -138,7 +138,8 @@ class Bench:
 
     def build_chain(self, name, layers):
         """A repository whose latest point reads exactly like R, made of ``layers`` layers."""
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain, _naming  # pylint: disable=import-error
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _chain  # pylint: disable=import-error
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 
         repo = _chain.Repository(os.path.join(self.work, name))
         blocks = self.size // BLOCK
@@ -172,7 +173,7 @@ class Bench:
         return repo.disk_dir, parent, repo.path(repo.chain(parent)[-1]["layer"])
 
     def _write_layer(self, path, src, runs, garbage):
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd  # pylint: disable=import-error
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd  # pylint: disable=import-error
 
         server = _nbd.QemuNbd(path, fmt="qcow2", cache="writeback", shared=4)
         with server:

@@ -179,7 +179,7 @@ def test_boot_from_backup_and_tear_down(lab, libvirt_conn, backed_up_vm, tmp_pat
 
 
 def guestlib_disks(dom):
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as _libvirt
     return _libvirt.disks(dom.XMLDesc(0))
 
 
@@ -218,7 +218,7 @@ def test_define_only_on_restored_disks(lab, libvirt_conn, backed_up_vm, tmp_path
     assert out["defined"]["changed"] and out["defined"]["persistent"] and not out["defined"]["started"]
     assert not out["again"]["changed"]
     assert out["removed"]["changed"] and out["removed"]["undefined"]
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as _libvirt
     import xml.etree.ElementTree as ET
     root = ET.fromstring(out["xml"])
     assert root.findtext("name") == name

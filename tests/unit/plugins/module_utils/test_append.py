@@ -15,14 +15,14 @@ import textwrap
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _append
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img as qi
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import append as _append
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     ZERO_DIGEST, BlockDigests, Repository, block_digest, default_digest)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, LockedError, NotFoundError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
 
 pytestmark = pytest.mark.skipif(not _nbd.HAS_NBD or shutil.which("qemu-nbd") is None
                                 or shutil.which("qemu-img") is None,
@@ -246,7 +246,7 @@ def test_lock_held_by_another_process(disk):
     holder = textwrap.dedent("""
         import sys, time
         sys.path.insert(0, %r)
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import Repository
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
         with Repository(sys.argv[1]).lock():
             print("HOLDING", flush=True)
             time.sleep(600)

@@ -15,11 +15,11 @@ import textwrap
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img as qi
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
@@ -73,8 +73,8 @@ def test_paths_stay_inside(repo):
 LOCKER = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, %r)
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import Repository
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import LockedError
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import LockedError
     started = time.monotonic()
     try:
         with Repository(sys.argv[1]).lock():
@@ -115,7 +115,7 @@ def test_lock_released_when_holder_is_killed(repo):
     holder = textwrap.dedent("""
         import sys, time
         sys.path.insert(0, %r)
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import Repository
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
         with Repository(sys.argv[1]).lock():
             print("HOLDING", flush=True)
             time.sleep(600)
@@ -555,7 +555,7 @@ def test_layer_written_through_nbd(repo, tmp_path):
 
 
 def test_merged_replays_shrink_then_grow_as_zeroes():
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import BlockDigests, ZERO_DIGEST
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import BlockDigests, ZERO_DIGEST
     bs = 65536
     base, shrunk, grown = BlockDigests(bs), BlockDigests(bs), BlockDigests(bs)
     for index in range(4):
@@ -566,7 +566,7 @@ def test_merged_replays_shrink_then_grow_as_zeroes():
 
 
 def test_new_repositories_record_their_digest_algorithm_and_old_ones_keep_blake2b(tmp_path):
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _chain
     repo = _chain.Repository(str(tmp_path / "new"))
     with repo.lock():
         repo.load()

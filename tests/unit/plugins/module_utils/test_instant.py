@@ -10,9 +10,9 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _instant
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt as lv
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, NotFoundError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import instant as _instant
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as lv
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, NotFoundError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "libvirt")
 

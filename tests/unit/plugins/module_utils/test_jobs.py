@@ -4,8 +4,8 @@ import threading
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._jobs import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.jobs import (
     ENDED, RUNNING, WaitTimeout, job_state, wait)
 
 STARTED = {"started": 1, "finished": 0, "ansible_job_id": "j1.2"}  # what async_wrapper writes first

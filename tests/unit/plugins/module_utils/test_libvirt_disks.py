@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt as lv
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as lv
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "libvirt")
 

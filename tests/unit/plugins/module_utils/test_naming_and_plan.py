@@ -2,10 +2,10 @@ import datetime
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, clip, merge, split
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_snapshot import plan, validate
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, clip, merge, split
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.snapshots import plan, validate
 
 UTC = datetime.timezone.utc
 T0 = datetime.datetime(2026, 11, 22, 3, 15, 0, tzinfo=UTC)

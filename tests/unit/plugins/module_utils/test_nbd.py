@@ -16,10 +16,10 @@ import time
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img as qi
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 
 pytestmark = pytest.mark.skipif(not _nbd.HAS_NBD or shutil.which("qemu-nbd") is None or shutil.which("qemu-io") is None,
                                 reason="needs qemu-nbd, qemu-io and python3-libnbd")
@@ -243,7 +243,7 @@ def test_server_dies_with_a_killed_parent(tmp_path):
     script = textwrap.dedent("""
         import sys, time
         sys.path.insert(0, %r)
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
         server = _nbd.QemuNbd(%r, persistent=True, tmpdir=%r).start()
         print(server.proc.pid, flush=True)
         time.sleep(600)

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qcow2_map as qm
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _restore
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import ConflictError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import reader as qm
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import restore as _restore
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
                                 reason="needs qemu-img and qemu-io (qemu-utils)")

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qcow2 as q
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import read_qcow2_header
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import writer as q
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import read_qcow2_header
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, TransferError)
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,

@@ -12,10 +12,10 @@ import subprocess
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img as qi
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError, RepositoryError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
                                 reason="needs qemu-img and qemu-io (qemu-utils)")

@@ -10,9 +10,9 @@ import struct
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd_diff as rd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import DiffFormatError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd_diff as rd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import DiffFormatError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 
 MiB = 1024 * 1024
 

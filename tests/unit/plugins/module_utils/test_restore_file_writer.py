@@ -22,9 +22,11 @@ import tempfile
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd, _restore
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import all_zero
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import restore as _restore
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
                                 reason="needs qemu-img and qemu-io (qemu-utils)")

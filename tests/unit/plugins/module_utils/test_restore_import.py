@@ -5,9 +5,9 @@ import time
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import ConflictError, InputError, NotFoundError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffWriter
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_import import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, InputError, NotFoundError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffWriter
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.import_diff import (
     OrderedWriter, plan_files, read_headers, sparse_runs)
 
 

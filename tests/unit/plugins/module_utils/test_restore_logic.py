@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _restore
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import restore as _restore
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._restore import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import (
     DeviceSink, FileTarget, Progress, check_params, describe_points, device_users, parse_mountinfo, parse_time, plan,
     select_point)
 

@@ -3,11 +3,11 @@ import threading
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import ZERO_DIGEST, block_digest
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, DiffWriter
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import ZERO_DIGEST, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, DiffWriter
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
     IN_FLIGHT_BYTES, DiffStreamSink, align_to_blocks, chunk_for, copy_extents, resize_edge)
 
 K = 1024

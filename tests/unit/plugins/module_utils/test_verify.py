@@ -11,10 +11,10 @@ import threading
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _verify as v
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import ZERO_DIGEST, BlockDigests, block_digest
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import verify as v
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import ZERO_DIGEST, BlockDigests, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 
 K = 1024
 MiB = 1 << 20
@@ -179,7 +179,7 @@ class MemReader:
             n = min(4 * K, offset + length - pos)
             kind = ZERO if self.data[pos:pos + n] == bytes(n) else DATA
             out.append(Extent(pos, n, kind))
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import merge
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import merge
         return merge(out)
 
     def read(self, offset, length):

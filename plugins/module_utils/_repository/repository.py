@@ -51,11 +51,11 @@ except ImportError:
     xxhash = None
     HAS_XXHASH = False
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._naming import parse_managed
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming import parse_managed
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"

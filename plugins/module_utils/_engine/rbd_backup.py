@@ -19,15 +19,15 @@ from __future__ import annotations
 import os
 import tempfile
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _chain
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     InputError, NotFoundError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir, parse_mode
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, Extent
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffWriter
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir, parse_mode
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffWriter
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
     DEFAULT_CHUNK, DiffStreamSink, align_to_blocks, copy_extents, layer_sink, resize_edge)
 
 GRANULARITIES = ("auto", "exact", "object")

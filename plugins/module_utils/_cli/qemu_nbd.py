@@ -38,10 +38,10 @@ import tempfile
 import time
 import traceback
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, merge
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._qemu_img import CACHE_MODES, tail
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._run import tool_env, which
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, merge
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES, tail
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import tool_env, which
 
 try:
     import nbd

@@ -27,12 +27,12 @@ import concurrent.futures
 import os
 import time
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CephError, ConflictError, DiffFormatError, InputError, NotFoundError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, scan
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._restore import Progress, nocache_flag
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, scan
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import Progress, nocache_flag
 
 SPARSE_SIZE = 4096  # rbd's RBD_DEFAULT_SPARSE_SIZE
 ZERO_PIECE = 1 << 30

@@ -8,9 +8,9 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
 from __future__ import annotations
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import ConflictError, InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, InputError
 
 
 def validate(params):

@@ -62,10 +62,10 @@ import stat
 import struct
 import threading
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, RepositoryError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import (
     EXT_BACKING_FORMAT, EXT_END, MAGIC, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO)
 
 MAX_DEPTH = 4096

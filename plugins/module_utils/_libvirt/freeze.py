@@ -37,7 +37,7 @@ import time
 import traceback
 import uuid as uuidlib
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     InputError,
     NotFoundError,
     SnapchainError,

@@ -8,10 +8,10 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
 from __future__ import annotations
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import SnapchainError
 
 
-def run(module, action):
+def run_module(module, action):
     """``action()``'s result; a SnapchainError fails the task with its message and details."""
     try:
         return action()

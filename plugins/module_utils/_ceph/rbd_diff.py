@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import struct
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import DiffFormatError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import DiffFormatError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 
 BANNER = b"rbd diff v1\n"
 BANNER_V2 = b"rbd diff v2\n"

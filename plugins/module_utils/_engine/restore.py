@@ -67,12 +67,12 @@ import subprocess
 import threading
 import time
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CommandError, ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import (
     DIRECT_ALIGN, aligned, all_zero, fsync_dir, parse_mode, pwrite_all)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, total
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, total
 
 DEFAULT_CHUNK = 4 << 20
 ZERO_PIECE = 1 << 30  # zero extents are cut to this size (parallelism, progress)
@@ -224,7 +224,7 @@ def _bad_reason(point):
 
 def load_chain(chain_dir, point=None, before=None, allow_bad=False):
     """(repository, the chosen point, its chain oldest first, skipped).  Checks only the chosen chain's files."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _chain
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _chain
 
     if not os.path.isdir(chain_dir):
         raise NotFoundError("chain directory %s does not exist (a disk's repository is "
@@ -443,7 +443,7 @@ class RbdSink(SinkCounters):
     ordered = False
 
     def __init__(self, img, write_zeroes, fadvise=0):
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd import rbd
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd import rbd
         super().__init__()
         self.error = rbd.Error
         self.img = img
@@ -660,7 +660,7 @@ class DeviceSink(DirectWrites):
 
 def copy(source, extents, sink, parallel, progress):
     """Copy the point's extents into ``sink``; return the transfer Stats."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import copy_extents
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import copy_extents
 
     def report(stats):
         progress.update(bytes_done=stats.bytes_read, zero_done=sink.zero_written)
@@ -955,7 +955,7 @@ class RbdTarget:
     kind = "rbd"
 
     def __init__(self, sess, image, in_place, force):
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
         self._rbd = _rbd
         self.sess = sess
         self.image = _rbd.check_name("image", image)
@@ -988,7 +988,7 @@ class RbdTarget:
         return self._rbd.spec(self.sess.pool, name, self.sess.namespace)
 
     def _ceph_error(self, msg):
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import CephError
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import CephError
         return CephError(msg, image=self.spec)
 
     def check(self):
@@ -1203,7 +1203,7 @@ def restore(params, check_mode=False):
     parallel = params.get("parallel") or 4
     progress_static = dict(point=point["name"], chain=repo.disk_dir)
     if kind == "rbd":
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
         dest = params["rbd"]
         with _rbd.session(params, dest["pool"], dest.get("namespace")) as sess:
             target = RbdTarget(sess, dest["image"], params.get("in_place", False), params.get("force", False))
@@ -1266,7 +1266,7 @@ class _PointReader:
         self.data_bytes = self.zero_bytes = None
 
     def _start(self, cache):
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
         self.server = _nbd.QemuNbd(self.layer, fmt="qcow2", read_only=True, shared=self.parallel, cache=cache,
                                    detect_zeroes="off")
         self.server.start()
@@ -1341,7 +1341,7 @@ def _open_reader(layer, size, parallel, result):
     """The reader of the point whose top layer is ``layer``, already measured (so that anything it does
     not handle shows before a byte is written): _MapReader when _qcow2_map can prove it reads the chain
     as QEMU does, else _PointReader (qemu-nbd).  Sets ``reader`` and ``reader_fallback`` in ``result``."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qcow2_map
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import reader as _qcow2_map
     reader = fallback = None
     try:
         reader = _MapReader(_qcow2_map.PointMap.open(layer))
@@ -1550,9 +1550,9 @@ def _restore_qcow2(target, layer, point, parallel, progress, result):
     ``-W -t none`` (out-of-order writes, O_DIRECT) where the filesystem takes O_DIRECT: as for
     a raw file, the page cache costs more than the copy on a virtualised host.
     """
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._nbd import _child_setup, usable_cache_mode
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._run import tool_env, which
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import _child_setup, usable_cache_mode
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import tool_env, which
     started = time.monotonic()
     measured = _qemu_img.measure(src=layer, src_fmt="qcow2", out_fmt="qcow2", force_share=False)
     needed = int(measured.get("required") or 0)

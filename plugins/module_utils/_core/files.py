@@ -12,7 +12,7 @@ import ctypes
 import mmap
 import os
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
 
 
 def fsync_dir(path):

@@ -54,15 +54,15 @@ import tempfile
 import threading
 import time
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     MANIFEST, PARTIAL_SUFFIX, ZERO_DIGEST, BlockDigests, Repository,
     block_digest, read_qcow2_header, utc_iso)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CephError, CommandError, InputError, LockedError, NotFoundError, RepositoryError, SnapchainError,
     TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO, Extent
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._qemu_img import CACHE_MODES
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES
 
 PPM = 1000000  # sample_percent is kept in parts per million
 MAX_PARALLEL = 64
@@ -519,14 +519,14 @@ def verify(params, check_mode=False):
     """Verify one disk repository; returns the result dict (``failed`` set when anything is wrong)."""
     opts = check_params(params)
     if opts["compare_source"]:
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _ceph
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import connection as _ceph
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
         if not _rbd.HAS_RBD:
             raise InputError("compare_source needs the python3-rbd binding on this host",
                              exception=_rbd.RBD_IMPORT_ERROR)
         _ceph.check_ceph_params(params)
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._run import which
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import which
     _nbd.require_nbd()
     which("qemu-img")
     which("qemu-nbd")
@@ -845,7 +845,7 @@ def _drill(repo, report, point, expected, opts):
 
 
 def _compare_source(repo, report, point, expected, block_size, opts, params):
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
 
     name = point["name"]
     src = point.get("source") or {}

@@ -28,12 +28,12 @@ import contextlib
 import threading
 import time
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import ZERO_DIGEST, block_digest
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import LayerWriter
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import all_zero
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import ZERO_DIGEST, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import LayerWriter
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 
 DEFAULT_CHUNK = 4 << 20
 IN_FLIGHT_BYTES = 32 << 20  # chunks being read or written, summed over the threads (8 x 4 MiB)

@@ -5,7 +5,7 @@
 
 PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
-Every call goes through ``_run.run``/``_run.run_json`` (no shell, LC_ALL=C).
+Every call goes through ``command.run_command``/``command.run_json`` (no shell, LC_ALL=C).
 Reads of a file that another process may hold open (a layer served by
 qemu-nbd, a running guest's disk) use ``-U`` (``--force-share``); writes never
 do.  Backing files are always stored RELATIVE to the overlay's directory so a
@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import os
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CommandError, ConflictError, InputError, NotFoundError, RepositoryError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent, merge
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._run import run, run_json, which
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, merge
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import run_command, run_json, which
 
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
@@ -91,7 +91,7 @@ def create(path, size=None, fmt="qcow2", backing=None, backing_fmt="qcow2", clus
         if int(size) <= 0:
             raise InputError("image size must be > 0, not %r" % (size,))
         argv.append(str(int(size)))
-    run(argv)
+    run_command(argv)
     if backing is not None:
         stored = info(path, fmt=fmt, force_share=False).get("backing-filename")
         if stored != backing:
@@ -120,7 +120,7 @@ def check(path, fmt="qcow2", force_share=False, no_backing=False):
         argv.append("json:" + json.dumps(spec))
     else:
         argv += _fmt_args(fmt) + [path]
-    proc = run(argv, check=False)
+    proc = run_command(argv, check=False)
     try:
         report = json.loads(proc.stdout)
     except ValueError:
@@ -183,7 +183,7 @@ def convert(src, dst, src_fmt=None, dst_fmt="qcow2", out_of_order=False, corouti
     if force_share:
         argv.append("-U")
     argv += [src, dst]
-    run(argv, timeout=timeout)
+    run_command(argv, timeout=timeout)
     return dst
 
 
@@ -195,7 +195,7 @@ def compare(path1, path2, fmt1=None, fmt2=None, strict=False, force_share=True):
     if force_share:
         argv.append("-U")
     argv += [path1, path2]
-    proc = run(argv, check=False)
+    proc = run_command(argv, check=False)
     if proc.returncode in (0, 1):
         return proc.returncode == 0
     raise CommandError("qemu-img compare %s %s failed (rc=%d): %s"
@@ -222,7 +222,7 @@ def rebase(path, backing, backing_fmt="qcow2", fmt="qcow2", unsafe=False, cache=
         argv += ["-b", backing, "-F", backing_fmt]
     argv.append(path)
     # qemu-img opens the new backing file relative to the image's directory.
-    run(argv)
+    run_command(argv)
     return path
 
 
@@ -239,7 +239,7 @@ def commit(path, base=None, fmt="qcow2", drop=False, cache=None):
     if drop:
         argv.append("-d")
     argv.append(path)
-    run(argv)
+    run_command(argv)
     return path
 
 

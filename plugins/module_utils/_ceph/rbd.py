@@ -16,11 +16,11 @@ import datetime
 import re
 import traceback
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _ceph
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import connection as _ceph
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CephError, ConflictError, InputError, NotFoundError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 
 try:
     import rbd

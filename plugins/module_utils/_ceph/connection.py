@@ -12,7 +12,7 @@ import contextlib
 import os
 import traceback
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import CephError, InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import CephError, InputError
 
 try:
     import rados

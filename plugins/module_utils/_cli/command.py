@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import CommandError, InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import CommandError, InputError
 
 _EXTRA_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin")
 
@@ -37,7 +37,7 @@ def tool_env(extra=None):
     return env
 
 
-def run(argv, check=True, timeout=None, input_data=None, env=None):
+def run_command(argv, check=True, timeout=None, input_data=None, env=None):
     """Run ``argv`` (a list) and return CompletedProcess with text output.
 
     Raises CommandError (cmd, rc, stdout, stderr) when ``check`` and rc != 0.
@@ -62,7 +62,7 @@ def run(argv, check=True, timeout=None, input_data=None, env=None):
 
 def run_json(argv, **kwargs):
     """Run a tool that prints JSON and return the parsed document."""
-    proc = run(argv, **kwargs)
+    proc = run_command(argv, **kwargs)
     try:
         return json.loads(proc.stdout)
     except ValueError as exc:

@@ -47,16 +47,16 @@ import os
 import stat
 import time
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._chain import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     WRITERS, ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, NotFoundError, RepositoryError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import parse_mode
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._extents import ZERO
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._qemu_img import CACHE_MODES
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._rbd_diff import DiffReader, scan
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer import DEFAULT_CHUNK, Stats, chunk_for, layer_sink
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import parse_mode
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, scan
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import DEFAULT_CHUNK, Stats, chunk_for, layer_sink
 
 MAX_PARALLEL = 64
 _ZERO_CHUNK = bytes(DEFAULT_CHUNK)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError, SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, SnapchainError
 
 RUNNING = "running"
 ENDED = "ended"

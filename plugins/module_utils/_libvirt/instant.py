@@ -35,11 +35,11 @@ import re
 import stat
 import xml.etree.ElementTree as ET
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _libvirt
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import domains as _libvirt
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError, SnapchainError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._restore import load_chain, parse_time
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._run import run, which
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import load_chain, parse_time
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import run_command, which
 
 NS = "http://snapchain.invalid/xmlns/instant-restore/1"
 OVERLAY_SUFFIX = ".overlay.qcow2"
@@ -312,7 +312,7 @@ def create_overlay(path, backing):
     if os.path.lexists(path):
         raise ConflictError("overlay %s already exists (left by an earlier run? state: absent removes it)" % path,
                             path=path)
-    run([which("qemu-img"), "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path])
+    run_command([which("qemu-img"), "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path])
     os.chmod(path, 0o600)
     return path
 

@@ -40,10 +40,10 @@ import tempfile
 import traceback
 import xml.etree.ElementTree as ET
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _qemu_img
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import fsync_dir
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _run
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import command as _run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CommandError, InputError, NotFoundError, SnapchainError)
 
 try:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import fnmatch
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils import _rbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import InputError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError
 
 
 def check_globs(kind, globs):

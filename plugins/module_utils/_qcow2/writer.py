@@ -37,8 +37,8 @@ import os
 import struct
 import threading
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._errors import ConflictError, InputError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._files import DIRECT_ALIGN, aligned, pwrite_all
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import DIRECT_ALIGN, aligned, pwrite_all
 
 MAGIC = b"QFI\xfb"
 VERSION = 3
