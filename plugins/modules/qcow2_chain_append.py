@@ -132,6 +132,11 @@ cleaned_partial:
   returned: always
   type: list
   elements: str
+cleaned_orphans:
+  description: An unpublished layer and digests file that a killed run left (named in its journal), removed.
+  returned: always
+  type: list
+  elements: str
 bytes_read:
   description: Bytes read from the source (with O(diff), data bytes of the diff).
   returned: success, not in check mode

@@ -68,8 +68,10 @@ options:
     default: snapchain-
   prune_snapshots:
     description:
-      - With O(chain), after the point is published remove every other managed snapshot of the image
-        (snapshots left by interrupted runs included). Snapshots with clones are kept.
+      - With O(chain), after the point is published remove every other managed snapshot of the image.
+        Protected snapshots and snapshots with clones are kept (see RV(kept_snapshots)).
+      - With V(false), the snapshots of points are kept; a snapshot made by a run that was killed
+        before its point was published is still removed by the next run (see RV(cleaned_orphans)).
     type: bool
     default: true
   granularity:
@@ -130,11 +132,29 @@ removed_snapshots:
   returned: when O(chain) is used
   type: list
   elements: str
+kept_snapshots:
+  description: Older managed snapshots that pruning kept, each with its C(name) and C(reason) (protected, clone parent).
+  returned: when O(chain) is used and a point was written
+  type: list
+  elements: dict
 cleaned_partial:
-  description: Temporary files of interrupted runs that were removed from the disk directory.
+  description: Temporary files of interrupted runs that were removed (from the disk directory, or beside O(dest)).
+  returned: always
+  type: list
+  elements: str
+cleaned_orphans:
+  description:
+    - What a killed run had created and the next run removed, from its journal in the disk directory
+      (an unpublished layer and digests file, the snapshot it had taken).
   returned: when O(chain) is used
   type: list
   elements: str
+already_backed_up:
+  description:
+    - True when O(snapshot) is the snapshot of the chain's newest point: nothing was written
+      (C(changed=false)) and RV(point) is that point.
+  returned: when it applies
+  type: bool
 bytes_read:
   description: Bytes read from the cluster.
   returned: success, not in check mode

@@ -22,9 +22,8 @@ writes run in parallel but a record that overlaps one still in flight waits for 
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import os
+import sys
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
@@ -33,6 +32,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, scan
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import Progress, nocache_flag
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import Window
 
 SPARSE_SIZE = 4096  # rbd's RBD_DEFAULT_SPARSE_SIZE
 ZERO_PIECE = 1 << 30
@@ -116,27 +116,15 @@ class OrderedWriter:
     def __init__(self, img, parallel, fadvise=0):
         self.img = img
         self.fadvise = fadvise
-        self.parallel = parallel
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="snapchain-imp")
-        self.window = collections.deque()
+        self.window = Window(parallel, name="snapchain-imp").__enter__()
         self.bytes_written = 0
         self.zero_bytes = 0
 
-    def _wait_oldest(self):
-        _start, _end, fut = self.window.popleft()
-        fut.result()
-
     def drain(self):
-        while self.window:
-            self._wait_oldest()
+        self.window.drain()
 
     def _submit(self, offset, length, fn):
-        end = offset + length
-        if any(start < end and offset < stop for start, stop, _f in self.window):
-            self.drain()
-        while len(self.window) >= 2 * self.parallel:
-            self._wait_oldest()
-        self.window.append((offset, end, self.pool.submit(fn)))
+        self.window.submit(fn, span=(offset, offset + length))
 
     def write(self, offset, data):
         runs = sparse_runs(data)
@@ -175,9 +163,7 @@ class OrderedWriter:
                                 offset=offset)
 
     def close(self):
-        for _s, _e, fut in self.window:
-            fut.cancel()
-        self.pool.shutdown(wait=True)
+        self.window.__exit__(*sys.exc_info())
 
 
 def apply_file(img, info, parallel, progress, done_before):
@@ -227,7 +213,7 @@ def import_diffs(params, check_mode=False):
     paths = params["files"]
     if not paths:
         raise InputError("files must list at least one rbd diff file")
-    parallel = params.get("parallel") or 4
+    parallel = 8 if params.get("parallel") is None else params["parallel"]
     if not 1 <= parallel <= 64:
         raise InputError("parallel must be between 1 and 64, not %r" % parallel)
     _rbd.check_name("image", params["image"])

@@ -11,6 +11,8 @@ One directory per disk::
     <name>.qcow2               one layer per point; backing file = the parent's layer (relative name)
     <name>.digests             per-block digests of the blocks that layer wrote (optional)
     .lock                      flock()ed for the duration of any write; holds "pid, host, since"
+    .intent-<kind>.json        what the running backup of a <kind> source creates (snapshot, point);
+                               a killed run's is cleaned by the next run (``_engine/backup.py``)
     .<file>.partial            work in progress; never read, removed by cleanup_partial()
 
 A point name is a UTC stamp (``_naming``: ``20261122T031500Z``), which sorts
@@ -59,6 +61,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming im
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
+INTENT_PREFIX = ".intent-"  # + the source kind + ".json"
 LAYER_SUFFIX = ".qcow2"
 DIGESTS_SUFFIX = ".digests"
 PARTIAL_SUFFIX = ".partial"
@@ -497,6 +500,7 @@ class Repository:
         BlockDigests(block_size)  # validates it
         self._manifest = None
         self._lock_fd = None
+        self._warnings = []
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, filename):
@@ -903,8 +907,18 @@ class Repository:
             raise
         self._manifest = new_doc
         pending.state = "published"
-        fsync_dir(self.disk_dir)
+        try:
+            fsync_dir(self.disk_dir)
+        except OSError as exc:
+            # The manifest names the point: it is published; the rename may not be durable yet.
+            self._warnings.append("point %s is published, but fsync of %s failed: %s"
+                                  % (pending.name, self.disk_dir, exc.strerror))
         return copy.deepcopy(point)
+
+    def take_warnings(self):
+        """What went wrong after a point was published (never undoing it), once."""
+        out, self._warnings = self._warnings, []
+        return out
 
     def abort(self, pending):
         """Remove a pending point's temporary files."""
@@ -940,6 +954,55 @@ class Repository:
                 if entry.endswith(suffix) and parse_managed(entry[:-len(suffix)], prefix="") and entry not in known:
                     out.append(entry)
         return out
+
+    def remove_file(self, entry):
+        """Remove one file of the disk directory (an orphan of a killed run); needs the lock."""
+        self._require_lock("removing %s" % entry)
+        self._remove(self.path(entry))
+        fsync_dir(self.disk_dir)
+
+    # -- the journal of the running backup -----------------------------------------------------
+    def _intent_path(self, kind):
+        if not isinstance(kind, str) or not kind.replace("_", "").isalnum():
+            raise InputError("invalid source kind %r for the backup journal" % (kind,))
+        return self.path(INTENT_PREFIX + kind + ".json")
+
+    def intent_kinds(self):
+        """The source kinds with a journal in the directory (a running or a killed backup)."""
+        if not os.path.isdir(self.disk_dir):
+            return []
+        return sorted(e[len(INTENT_PREFIX):-len(".json")] for e in os.listdir(self.disk_dir)
+                      if e.startswith(INTENT_PREFIX) and e.endswith(".json"))
+
+    def intent(self, kind):
+        """The journal of the running (or a killed) backup of a ``kind`` source, or None."""
+        path = self._intent_path(kind)
+        try:
+            with open(path, "rb") as fh:
+                record = json.loads(fh.read().decode("utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise RepositoryError("unreadable backup journal %s: %s" % (path, exc), path=path)
+        if not isinstance(record, dict):
+            raise RepositoryError("backup journal %s is not a JSON object" % path, path=path)
+        return record
+
+    def record_intent(self, kind, record):
+        """Journal (durably) what the backup is about to create, BEFORE creating it."""
+        self._require_lock("journalling a backup")
+        path = self._intent_path(kind)
+        temp = self.path("." + os.path.basename(path) + PARTIAL_SUFFIX)
+        _write_file(temp, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"), self.file_mode)
+        os.rename(temp, path)
+        fsync_dir(self.disk_dir)
+
+    def clear_intent(self, kind):
+        self._require_lock("clearing the backup journal")
+        path = self._intent_path(kind)
+        if os.path.lexists(path):
+            self._remove(path)
+            fsync_dir(self.disk_dir)
 
     # -- digests -------------------------------------------------------------------------------
     def load_digests(self, name):

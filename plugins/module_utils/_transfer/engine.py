@@ -29,7 +29,8 @@ import threading
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import ZERO_DIGEST, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
+    ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
@@ -178,6 +179,73 @@ class Stats:
                     mb_per_s=round(self.bytes_read / 1e6 / seconds, 1) if seconds > 0 else None)
 
 
+class Window:
+    """The one bounded thread pool of every copy: at most ``2 * parallel`` jobs in flight.
+
+    ``submit(fn, *args)`` queues a job (blocking while the window is full); the results are
+    handed IN SUBMISSION ORDER to ``on_result`` in the calling thread, so the bookkeeping needs
+    no lock and an ordered sink (a stream) sees ascending offsets.  ``span=(start, end)`` names
+    the byte range a job writes: a job whose span overlaps one in flight waits until every
+    earlier job is done (writes that overlap land in order).  ``drain()`` waits for every queued
+    job.  Leaving the block normally drains; leaving it on an error cancels what has not started
+    and waits for what has (no thread outlives the copy).
+    """
+
+    def __init__(self, parallel, on_result=None, name="snapchain-io"):
+        if parallel < 1:
+            raise ValueError("parallel must be >= 1")
+        self.parallel = parallel
+        self.on_result = on_result
+        self.name = name
+        self.pending = collections.deque()
+        self.executor = None
+
+    def __enter__(self):
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.parallel,
+                                                              thread_name_prefix=self.name)
+        return self
+
+    def submit(self, fn, *args, span=None):
+        if span is not None and any(s is not None and s[0] < span[1] and span[0] < s[1] for _f, s in self.pending):
+            self.drain()
+        self.pending.append((self.executor.submit(fn, *args), span))
+        while len(self.pending) >= 2 * self.parallel:
+            self._finish_one()
+
+    def _finish_one(self):
+        result = self.pending.popleft()[0].result()
+        if self.on_result is not None:
+            self.on_result(result)
+
+    def drain(self):
+        while self.pending:
+            self._finish_one()
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                self.drain()
+        finally:
+            for fut, _span in self.pending:
+                fut.cancel()
+            self.pending.clear()
+            self.executor.shutdown(wait=True)
+
+
+def block_runs(blocks, max_blocks):
+    """Sorted block indexes -> ``(first, count)`` runs of consecutive blocks, at most ``max_blocks`` long."""
+    first = count = None
+    for b in sorted(blocks):
+        if first is not None and b == first + count and count < max_blocks:
+            count += 1
+            continue
+        if first is not None:
+            yield first, count
+        first, count = b, 1
+    if first is not None:
+        yield first, count
+
+
 def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_size=None, progress=None,
                  digest=block_digest):
     """Copy ``extents`` of ``source`` to ``sink``; return (Stats, digests).
@@ -282,28 +350,86 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
             return None
         return pieces
 
-    window = collections.deque()
-
-    def finish_one():
-        fut = window.popleft()
-        res = fut.result()
+    def on_result(res):
         if res is not None:
             emit(res)
         if progress is not None:
             progress(stats)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="snapchain-io") as pool:
-        try:
-            for ext in _chunks(extents, chunk):
-                window.append(pool.submit(job, ext))
-                while len(window) >= 2 * parallel:
-                    finish_one()
-            while window:
-                finish_one()
-        except BaseException:
-            for fut in window:
-                fut.cancel()
-            raise
+    with Window(parallel, on_result) as window:
+        for ext in _chunks(extents, chunk):
+            window.submit(job, ext)
+    stats.seconds = time.monotonic() - stats.started
+    return stats, digests
+
+
+def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536, digest=block_digest):
+    """Read all of ``source``, write to ``target`` the blocks whose digest differs from ``base``.
+
+    The copy for a source whose changed extents are unknown (a raw file or device).
+
+    ``base`` is the effective BlockDigests of the parent point (every block
+    present) or None for a full layer without backing (then all-zero blocks are
+    skipped, the others written).  Runs of changed blocks are written as one
+    request per chunk; changed blocks that are all zero become ``target.zero``.
+    Returns ``(Stats, BlockDigests of the blocks written)``.
+    """
+    if chunk % block_size:
+        raise ValueError("chunk must be a multiple of block_size")
+    chunk = chunk_for(parallel, chunk, block_size)
+    size = source.size
+    stats = Stats()
+    digests = BlockDigests(block_size)
+
+    def job(offset, length):
+        data = source.read(offset, length)
+        view = memoryview(data)
+        changed = []
+        counters = [0, 0, 0]  # bytes written, zero bytes, requests
+        run = [None, None]  # start (in chunk), kind
+
+        def close_run(end):
+            start, kind = run
+            if start is None:
+                return
+            if kind == ZERO:
+                target.zero(offset + start, end - start)
+                counters[1] += end - start
+            else:
+                target.write(offset + start, view[start:end])
+                counters[0] += end - start
+            counters[2] += 1
+            run[0] = run[1] = None
+
+        first = offset // block_size
+        for i, pos in enumerate(range(0, length, block_size)):
+            n = min(block_size, length - pos)
+            got = digest(data[pos:pos + n])
+            index = first + i
+            old = ZERO_DIGEST if base is None else base.get(index, ZERO_DIGEST)
+            if got == old:
+                close_run(pos)
+                continue
+            changed.append((index, got))
+            kind = ZERO if got == ZERO_DIGEST else "data"
+            if run[1] != kind:
+                close_run(pos)
+                run[0], run[1] = pos, kind
+        close_run(length)
+        return length, changed, counters
+
+    def on_result(result):
+        length, changed, counters = result
+        for index, value in changed:
+            digests[index] = value
+        stats.bytes_read += length
+        stats.bytes_written += counters[0]
+        stats.zero_bytes += counters[1]
+        stats.extents += counters[2]
+
+    with Window(parallel, on_result) as window:
+        for offset in range(0, size, chunk):
+            window.submit(job, offset, min(chunk, size - offset))
     stats.seconds = time.monotonic() - stats.started
     return stats, digests
 

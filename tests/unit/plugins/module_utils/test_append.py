@@ -16,6 +16,8 @@ import textwrap
 import pytest
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import append as _append
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import block_runs, digest_scan
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
@@ -267,7 +269,7 @@ def test_lock_held_by_another_process(disk):
 
 def test_failure_mid_run_leaves_nothing_and_partials_are_cleaned(disk, monkeypatch):
     disk.backup()
-    real_read = _append.RawSource.read
+    real_read = RawSource.read
     calls = []
 
     def failing_read(self, offset, length):
@@ -276,7 +278,7 @@ def test_failure_mid_run_leaves_nothing_and_partials_are_cleaned(disk, monkeypat
             raise TransferError("simulated read error at %d" % offset)
         return real_read(self, offset, length)
 
-    monkeypatch.setattr(_append.RawSource, "read", failing_read)
+    monkeypatch.setattr(RawSource, "read", failing_read)
     with pytest.raises(TransferError, match="simulated"):
         disk.backup(force_full=True)
     monkeypatch.undo()
@@ -315,7 +317,7 @@ def test_scan_source_without_nbd():
     new[3 * BS:4 * BS] = bytes(BS)  # zeroed
     new[7 * BS] = 1
     target = Target()
-    stats, digests = _append.scan_source(Source(bytes(new)), target, base=digests_of(bytes(old)), parallel=2,
+    stats, digests = digest_scan(Source(bytes(new)), target, base=digests_of(bytes(old)), parallel=2,
                                          chunk=4 * BS, block_size=BS,
                                          digest=lambda data: block_digest(data, default_digest()))
     assert sorted(target.calls) == [("w", 0, 2 * BS), ("w", 7 * BS, BS), ("z", 3 * BS, BS)]
@@ -458,5 +460,5 @@ def test_malformed_diff_leaves_nothing(tmp_path, damage, message):
 
 
 def test_block_runs():
-    assert list(_append.block_runs({5, 1, 2, 3, 9}, 2)) == [(1, 2), (3, 1), (5, 1), (9, 1)]
-    assert list(_append.block_runs([], 4)) == []
+    assert list(block_runs({5, 1, 2, 3, 9}, 2)) == [(1, 2), (3, 1), (5, 1), (9, 1)]
+    assert list(block_runs([], 4)) == []

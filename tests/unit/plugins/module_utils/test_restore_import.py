@@ -8,7 +8,7 @@ import pytest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, InputError, NotFoundError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.import_diff import (
-    OrderedWriter, plan_files, read_headers, sparse_runs)
+    OrderedWriter, import_diffs, plan_files, read_headers, sparse_runs)
 
 
 def test_sparse_runs():
@@ -107,3 +107,12 @@ def test_ordered_writer_applies_overlapping_records_in_order():
     finally:
         writer.close()
     assert img.buf == expected
+
+
+@pytest.mark.parametrize("parallel", [0, -1, 65])
+def test_parallel_out_of_range_is_refused_before_anything_is_read(tmp_path, parallel):
+    """parallel: 0 was silently taken as the default."""
+    diff = tmp_path / "a.rbddiff"
+    diff.write_bytes(b"not read: the options are checked first")
+    with pytest.raises(InputError, match="parallel must be between 1 and 64"):
+        import_diffs(dict(files=[str(diff)], image="img", pool="rbd", parallel=parallel))

@@ -1,0 +1,139 @@
+# -*- coding: utf-8 -*-
+# Copyright: snapchain developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""What the backup flow (``_engine/backup.py``) needs from a disk: the Source interface.
+
+PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
+
+A source is one disk at one moment.  The flow calls, in this order, under the repository lock:
+
+``choose_base(repo, force_full)``
+    ``(parent point or None, effective digests of the parent or None, reason for a full or None)``.
+    The default takes the newest point unless a generic rule says no (first backup,
+    ``force_full``, the point is marked bad) or ``base_problem(point)`` names a reason of the
+    source's own (the RBD image was re-created, the base snapshot is gone, the size changed
+    under a digest scan...).  A source that needs the digests of the parent (``exact_extents``
+    False) gets them here; unusable digests also mean a full.
+``refuse(latest)``
+    Raise InputError/ConflictError for a request that must not run at all (a snapshot older than
+    the chain's newest point...), or return a point when this moment is ALREADY that point (an
+    explicit no-op: nothing is written).  Default: None.
+``prepare(intent)``
+    Take or resolve the point-in-time (an RBD snapshot, an LVM/ZFS snapshot...).  Before creating
+    anything, call ``intent(dict)``: the repository journals it, so that the next run can remove
+    what a killed run created (see ``remove_orphan``).  After prepare, ``size`` is final.
+``point_time()``
+    A datetime for the point's name (the snapshot's own time stamp) or None for now.
+``copy(sink, parent, base, repo, parallel)``
+    Fill the new layer; returns ``(Stats, BlockDigests of the blocks written, extra dict)``.
+    The default copies ``changed_extents(parent)`` (exact) or, when those are unknown (None),
+    digest-scans the whole source against ``base``: one copy engine (``_transfer/engine.py``).
+``identity()``
+    The dict stored as the point's ``source``: enough for a later run's ``base_problem`` to tell
+    whether the point still describes this disk.
+``discard()``
+    Undo ``prepare`` (the run failed before the point was published).
+``finish(point)``
+    After the point is published: source-side housekeeping (older snapshots pruned).  Returns a
+    dict merged into the result.  It must never undo the point; the flow turns its errors into
+    warnings.
+``remove_orphan(record, referenced)``
+    A killed run journalled ``record``; remove what it created unless ``referenced`` (a point
+    of the manifest uses it).  Returns a description of what was removed or None.
+
+A source also has ``read(offset, length) -> bytes`` (thread-safe: the copy engine calls it from
+many threads) and ``size``.  LVM, ZFS and ploop sources are one more file here each, plus their
+``_cli`` wrapper.
+"""
+
+from __future__ import annotations
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import RepositoryError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import BlockDigests
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
+    DEFAULT_CHUNK, align_to_blocks, copy_extents, digest_scan, resize_edge)
+
+
+def generic_base_problem(repo, latest, force_full):
+    """The reasons for a full that do not depend on the source (None: the latest point may be the base)."""
+    if force_full:
+        return "force_full was set"
+    if latest is None:
+        return "first backup of this disk"
+    if latest.get("bad"):
+        return "the last point %s is marked bad" % latest["name"]
+    return None
+
+
+class Source:
+    kind = None
+    exact_extents = True  # False: changed extents unknown, the copy compares block digests
+    size = None
+    snapshot = None  # the point's ``snapshot`` label: the snapshot name, or what the caller calls it
+    writer = None  # a layer writer this source needs ("nbd"), or None: the caller's choice
+
+    # -- choosing the base ---------------------------------------------------------------------
+    def choose_base(self, repo, force_full=False):
+        latest = repo.latest()
+        reason = generic_base_problem(repo, latest, force_full) or self.base_problem(latest)
+        if reason:
+            return None, None, reason
+        base = None
+        if not self.exact_extents:
+            try:
+                base = repo.effective_digests(latest["name"])
+            except RepositoryError as exc:
+                return None, None, "the block digests of the last point %s are unusable: %s" % (latest["name"], exc.msg)
+        return latest, base, None
+
+    def base_problem(self, point):
+        return None
+
+    def refuse(self, latest):
+        return None
+
+    # -- the point in time ---------------------------------------------------------------------
+    def prepare(self, intent):
+        pass
+
+    def point_time(self):
+        return None
+
+    def discard(self):
+        pass
+
+    def finish(self, point):
+        return {}
+
+    def remove_orphan(self, record, referenced):
+        return None
+
+    def identity(self):
+        raise NotImplementedError
+
+    # -- the data ------------------------------------------------------------------------------
+    def changed_extents(self, parent):
+        """The extents that differ from ``parent`` (every allocated one without), or None if unknown."""
+        return None
+
+    def read(self, offset, length):
+        raise NotImplementedError
+
+    def copy(self, sink, parent, base, repo, parallel):
+        extents = self.changed_extents(parent)
+        if extents is None:
+            stats, digests = digest_scan(self, sink, base=base, parallel=parallel, digest=repo.block_digest,
+                                         block_size=repo.block_size)
+            return stats, digests, {}
+        if parent:
+            extents = extents + resize_edge(parent["size"], self.size, repo.block_size)
+        extents = align_to_blocks(extents, repo.block_size, self.size)
+        if hasattr(sink, "reserve"):
+            sink.reserve(sum(ext.length for ext in extents if ext.kind == DATA))
+        stats, written = copy_extents(self, extents, sink, parallel=parallel, digest=repo.block_digest,
+                                      chunk=DEFAULT_CHUNK, block_size=repo.block_size)
+        digests = BlockDigests(repo.block_size)
+        for index, digest in written.items():
+            digests[index] = digest
+        return stats, digests, {}
