@@ -55,6 +55,13 @@ options:
     description:
       - After the O(state) action, remove managed snapshots beyond the newest N.
     type: int
+  keep_if_in_chain:
+    description:
+      - With O(state=absent), the repository directory of this disk (as given to M(snapchain.vmbackup.rbd_export_diff)'s
+        O(snapchain.vmbackup.rbd_export_diff#module:chain)): a snapshot that a point of that chain was taken from is
+        kept (see RV(kept)), because it is the next backup's base. The manifest is only read.
+      - This is how a cleanup after a failure removes the snapshots of disks that did not get a point, and only those.
+    type: path
 """
 
 EXAMPLES = r"""
@@ -103,6 +110,11 @@ removed:
   returned: always
   type: list
   elements: str
+kept:
+  description: Snapshots that O(keep_if_in_chain) kept, each with its C(name) and the C(reason).
+  returned: always
+  type: list
+  elements: dict
 snapshots:
   description: The image's snapshots after the change, oldest first.
   returned: always
@@ -145,6 +157,7 @@ def main():
             state=dict(type="str", choices=["present", "absent"], default="present"),
             protected=dict(type="bool"),
             keep_managed=dict(type="int"),
+            keep_if_in_chain=dict(type="path"),
         ),
         supports_check_mode=True,
     )

@@ -223,3 +223,18 @@ def test_dest_mode_refuses_reversed_snapshots_and_cleans_a_killed_partial(lab, i
     assert done["cleaned_partial"] == [partial]
     assert sorted(os.listdir(tmp_path)) == ["b.rbddiff"]
 
+
+
+def test_cleanup_after_a_failure_keeps_the_snapshot_a_point_was_taken_from(lab, image, args):
+    """vm_backup's rescue removes its snapshot with keep_if_in_chain: a disk whose point was
+    published keeps it (the next base); a disk without a point loses it."""
+    lab.rbd("snap", "create", "%s/%s@vm-run" % (lab.pool, image))
+    lab.rbd("snap", "create", "%s/%s@stray" % (lab.pool, image))
+    module_runner.run("rbd_export_diff", dict(args, snapshot="vm-run"))
+    conn = dict((k, args[k]) for k in ("ceph_conf", "ceph_client", "keyring", "pool", "image"))
+    kept = module_runner.run("rbd_snapshot", dict(conn, name="vm-run", state="absent", keep_if_in_chain=args["chain"]))
+    assert kept["changed"] is False and kept["removed"] == []
+    assert kept["kept"][0]["name"] == "vm-run" and "was taken from it" in kept["kept"][0]["reason"]
+    gone = module_runner.run("rbd_snapshot", dict(conn, name="stray", state="absent", keep_if_in_chain=args["chain"]))
+    assert gone["removed"] == ["stray"] and gone["kept"] == []
+    assert snapshots(lab, image) == ["vm-run"]

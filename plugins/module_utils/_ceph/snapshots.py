@@ -28,6 +28,22 @@ def validate(params):
         raise InputError("state=absent needs name (or keep_managed to prune managed snapshots)")
     if state == "absent" and params.get("protected"):
         raise InputError("protected=true makes no sense with state=absent")
+    if params.get("keep_if_in_chain") and state != "absent":
+        raise InputError("keep_if_in_chain only applies to state=absent")
+
+
+def chain_users(chain, image_id, names):
+    """{snapshot name: point name} for the points of the repository ``chain`` taken from this image."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
+
+    repo = Repository(chain)
+    repo.load(verify=False)  # read-only: no lock, nothing created
+    out = {}
+    for point in repo.points():
+        src = point.get("source") or {}
+        if point.get("snapshot") in names and src.get("type") == "rbd" and src.get("image_id") in (None, image_id):
+            out[point["snapshot"]] = point["name"]
+    return out
 
 
 def plan(snapshots, params, new_name=None):
@@ -84,6 +100,12 @@ def ensure_snapshots(params, check_mode=False):
         with sess.image(image, read_only=check_mode) as img:
             before = _rbd.list_snapshots(img, params["prefix"])
             todo = plan(before, params)
+            kept = []
+            if params.get("keep_if_in_chain") and todo["remove"]:
+                users = chain_users(params["keep_if_in_chain"], img.id(), todo["remove"])
+                kept = [dict(name=n, reason="point %s of %s was taken from it" % (users[n], params["keep_if_in_chain"]))
+                        for n in todo["remove"] if n in users]
+                todo["remove"] = [n for n in todo["remove"] if n not in users]
             # Validate everything before the first change: no removal may hit a clone parent.
             for snap in todo["remove"]:
                 clones = _rbd.snapshot_children(sess, image, snap)
@@ -107,6 +129,7 @@ def ensure_snapshots(params, check_mode=False):
         snapshot=todo["target"],
         created=todo["create"],
         removed=todo["remove"],
+        kept=kept,
         snapshots=after,
         diff=dict(before="\n".join(s["name"] for s in before) + "\n",
                   after="\n".join(s["name"] for s in after) + "\n"),

@@ -33,7 +33,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.rep
     ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, split
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 
 DEFAULT_CHUNK = 4 << 20
@@ -149,18 +149,6 @@ def _merge_ranges(ranges):
 def _in_ranges(ranges, b):
     i = bisect.bisect_right(ranges, (b, float("inf"))) - 1
     return i >= 0 and ranges[i][0] <= b < ranges[i][1]
-
-
-def _chunks(extents, chunk):
-    for ext in extents:
-        if ext.kind == ZERO:
-            yield ext
-            continue
-        off = ext.offset
-        while off < ext.end:
-            n = min(chunk, ext.end - off)
-            yield Extent(off, n, DATA)
-            off += n
 
 
 class Stats:
@@ -357,7 +345,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
             progress(stats)
 
     with Window(parallel, on_result) as window:
-        for ext in _chunks(extents, chunk):
+        for ext in split(extents, chunk):
             window.submit(job, ext)
     stats.seconds = time.monotonic() - stats.started
     return stats, digests
