@@ -133,7 +133,7 @@ removed_snapshots:
   type: list
   elements: str
 kept_snapshots:
-  description: Older managed snapshots that pruning kept, each with its C(name) and C(reason) (protected, clone parent).
+  description: Older managed snapshots that pruning kept, each with its C(name) and C(reason) (protected, or a clone parent).
   returned: when O(chain) is used and a point was written
   type: list
   elements: dict
@@ -151,8 +151,8 @@ cleaned_orphans:
   elements: str
 already_backed_up:
   description:
-    - True when O(snapshot) is the snapshot of the chain's newest point: nothing was written
-      (C(changed=false)) and RV(point) is that point.
+    - True when O(snapshot) is the snapshot of the chain's newest point. Then nothing was written,
+      C(changed) is false and RV(point) is that point.
   returned: when it applies
   type: bool
 bytes_read:

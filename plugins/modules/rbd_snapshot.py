@@ -57,9 +57,10 @@ options:
     type: int
   keep_if_in_chain:
     description:
-      - With O(state=absent), the repository directory of this disk (as given to M(snapchain.vmbackup.rbd_export_diff)'s
-        O(snapchain.vmbackup.rbd_export_diff#module:chain)): a snapshot that a point of that chain was taken from is
-        kept (see RV(kept)), because it is the next backup's base. The manifest is only read.
+      - With O(state=absent), the repository directory of this disk, as given to
+        M(snapchain.vmbackup.rbd_export_diff) as O(snapchain.vmbackup.rbd_export_diff#module:chain).
+        A snapshot that a point of that chain was taken from is kept (see RV(kept)), because it is the
+        next backup's base. The manifest is only read.
       - This is how a cleanup after a failure removes the snapshots of disks that did not get a point, and only those.
     type: path
 """

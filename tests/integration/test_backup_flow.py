@@ -224,7 +224,6 @@ def test_dest_mode_refuses_reversed_snapshots_and_cleans_a_killed_partial(lab, i
     assert sorted(os.listdir(tmp_path)) == ["b.rbddiff"]
 
 
-
 def test_cleanup_after_a_failure_keeps_the_snapshot_a_point_was_taken_from(lab, image, args):
     """vm_backup's rescue removes its snapshot with keep_if_in_chain: a disk whose point was
     published keeps it (the next base); a disk without a point loses it."""

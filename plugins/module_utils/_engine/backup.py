@@ -178,4 +178,3 @@ def clean_killed_run(repo, source, warnings):
         cleaned.append(what)
     repo.clear_intent(source.kind)
     return cleaned
-

@@ -44,7 +44,6 @@ unit without any per-disk state.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import hashlib
 import heapq
 import os
@@ -63,6 +62,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
     TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import Window
 
 PPM = 1000000  # sample_percent is kept in parts per million
 MAX_PARALLEL = 64
@@ -379,22 +379,11 @@ def check_blocks(reader, expected, size, block_size, ppm=PPM, seed=0, parallel=4
             bytes_checked += block_span(index, block_size, size)[1]
         result.add(len(selected), len(zeros), bytes_read, bytes_checked, mismatches)
 
-    window = collections.deque()
-    with concurrent.futures.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="snapchain-verify") as pool:
-        try:
-            for first, end in units(total, unit_blocks):
-                selected = sampled_blocks(first, end, total, ppm, seed)
-                if not selected:
-                    continue
-                window.append(pool.submit(job, first, end, selected))
-                while len(window) >= 2 * parallel:
-                    window.popleft().result()
-            while window:
-                window.popleft().result()
-        except BaseException:
-            for fut in window:
-                fut.cancel()
-            raise
+    with Window(parallel, name="snapchain-verify") as window:
+        for first, end in units(total, unit_blocks):
+            selected = sampled_blocks(first, end, total, ppm, seed)
+            if selected:
+                window.submit(job, first, end, selected)
     result.seconds = time.monotonic() - started
     return result
 

@@ -318,8 +318,8 @@ def test_scan_source_without_nbd():
     new[7 * BS] = 1
     target = Target()
     stats, digests = digest_scan(Source(bytes(new)), target, base=digests_of(bytes(old)), parallel=2,
-                                         chunk=4 * BS, block_size=BS,
-                                         digest=lambda data: block_digest(data, default_digest()))
+                                 chunk=4 * BS, block_size=BS,
+                                 digest=lambda data: block_digest(data, default_digest()))
     assert sorted(target.calls) == [("w", 0, 2 * BS), ("w", 7 * BS, BS), ("z", 3 * BS, BS)]
     assert (stats.bytes_written, stats.zero_bytes, stats.extents) == (3 * BS, BS, 3)
     assert sorted(digests) == [0, 1, 3, 7]
