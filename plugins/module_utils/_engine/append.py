@@ -52,26 +52,17 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.rep
     WRITERS, ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, NotFoundError, RepositoryError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import parse_mode
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero, parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, scan
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import DEFAULT_CHUNK, Stats, chunk_for, layer_sink
 
 MAX_PARALLEL = 64
-_ZERO_CHUNK = bytes(DEFAULT_CHUNK)
 
 
 # --------------------------------------------------------------------------------------------
 # Small generic helpers (candidates for _transfer/_chain)
-
-
-def is_zero(data):
-    """True when the bytes-like ``data`` holds only zero bytes (memcmp, no per-item loop)."""
-    raw = bytes(data)  # no copy for bytes; memoryview comparisons go item by item, far slower
-    if len(raw) == len(_ZERO_CHUNK):
-        return raw == _ZERO_CHUNK
-    return raw == bytes(len(raw))
 
 
 def block_runs(blocks, max_blocks):
@@ -301,7 +292,7 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
         return lo, hi
 
     def job(offset, data, length, lo, hi):
-        if data is not None and is_zero(data):
+        if data is not None and all_zero(data):
             data = None
         if data is None:
             target.zero(offset, length)

@@ -1386,7 +1386,6 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
     as a memoryview of its first ``length`` bytes, so that it goes to the disk without a copy."""
     lock = threading.Lock()
     counts = [0, 0]
-    zero_chunk = bytes(chunk)
     pool = collections.deque()  # free whole-chunk buffers (deque append/pop are atomic)
     use_mmap = bool(getattr(sink, "aligned_buffers", False))
 
@@ -1400,7 +1399,7 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
             buf = bytearray(length)
         data = memoryview(buf)[:length] if use_mmap else buf
         point_map.read_into(pieces, data)
-        if all_zero(data, zero_chunk):
+        if all_zero(data):
             release(buf)
             return None
         return buf, data

@@ -32,7 +32,6 @@ import copy
 import datetime
 import errno
 import fcntl
-import functools
 import hashlib
 import itertools
 import json
@@ -52,7 +51,7 @@ except ImportError:
     HAS_XXHASH = False
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero, fsync_dir
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming import parse_managed
@@ -151,11 +150,6 @@ _DIGESTS_HEADER = struct.Struct("<8sIIQ")  # magic, block size, digest size, rec
 _RECORD = 8 + DIGEST_SIZE  # u64 little-endian block index + digest
 
 
-@functools.lru_cache(maxsize=8)
-def _zeroes(length):
-    return bytes(length)
-
-
 def _blake2b_128(data):
     return hashlib.blake2b(data, digest_size=DIGEST_SIZE).digest()
 
@@ -185,21 +179,14 @@ def digest_function(algorithm):
     return DIGEST_FUNCTIONS[algorithm]
 
 
-@functools.lru_cache(maxsize=16)
-def _zero_hash(length, algorithm):
-    return digest_function(algorithm)(_zeroes(length))
-
-
 def block_digest(data, algorithm=LEGACY_DIGEST):
     """16-byte digest of a block's bytes, or ZERO_DIGEST when they are all zero."""
     fn = digest_function(algorithm)
-    length = memoryview(data).nbytes
-    if isinstance(data, (bytes, bytearray)):
-        if data == _zeroes(length):
-            return ZERO_DIGEST
-        return fn(data)
-    digest = fn(data)
-    return ZERO_DIGEST if digest == _zero_hash(length, algorithm) else digest
+    # Exactly all zero, never "hashes like zeroes": a guest could craft a block whose unkeyed
+    # digest equals that of a zero block.
+    if all_zero(data):
+        return ZERO_DIGEST
+    return fn(data)
 
 
 class BlockDigests:
