@@ -52,6 +52,7 @@ except ImportError:
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero, fsync_dir
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import read_header
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming import parse_managed
@@ -117,26 +118,8 @@ def fsync_file(path):
 
 def read_qcow2_header(path):
     """``(virtual_size, backing_file_name_or_None)`` straight from a qcow2 header (no qemu-img run)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-            if len(head) < 32 or head[:4] != b"QFI\xfb":
-                raise RepositoryError("%s is not a qcow2 image (bad header)" % path, path=path)
-            backing_offset, backing_size = struct.unpack(">QI", head[8:20])
-            size = struct.unpack(">Q", head[24:32])[0]
-            backing = None
-            if backing_offset:
-                if backing_size == 0 or backing_size > 1023:
-                    raise RepositoryError("%s has an invalid backing file name length %d" % (path, backing_size),
-                                          path=path)
-                f.seek(backing_offset)
-                raw = f.read(backing_size)
-                if len(raw) != backing_size:
-                    raise RepositoryError("%s: truncated backing file name" % path, path=path)
-                backing = raw.decode("utf-8", "surrogateescape")
-            return size, backing
-    except OSError as exc:
-        raise RepositoryError("cannot read %s: %s" % (path, exc.strerror), path=path)
+    header = read_header(path)
+    return header.size, header.backing_file
 
 
 # --------------------------------------------------------------------------------------------
