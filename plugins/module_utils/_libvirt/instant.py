@@ -39,7 +39,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError, SnapchainError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import load_chain, parse_time
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import run_command, which
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import has_magic
 
 NS = "http://snapchain.invalid/xmlns/instant-restore/1"
@@ -312,7 +312,7 @@ def create_overlay(path, backing):
     if os.path.lexists(path):
         raise ConflictError("overlay %s already exists (left by an earlier run? state: absent removes it)" % path,
                             path=path)
-    run_command([which("qemu-img"), "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path])
+    _qemu_img.create(path, backing=backing, backing_fmt="qcow2", relative_backing=False)
     os.chmod(path, 0o600)
     return path
 
