@@ -85,3 +85,16 @@ def test_diff_writer_detects_zeroes_in_views(tmp_path):
         writer.write(65536, memoryview(raw))
         writer.end()
     assert writer.data_bytes == 65536
+
+
+def test_a_block_that_hashes_like_zeroes_is_not_taken_for_zeroes(monkeypatch):
+    """A digest collision with the zero block cannot be produced for real (xxh3-128 / blake2b): this
+    algorithm is made to collide, as a guest could try with an unkeyed one.  Before the fix, a view
+    of such a block got ZERO_DIGEST (the decision compared digests) and was recorded as zeroes."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository
+    monkeypatch.setitem(repository.DIGEST_FUNCTIONS, "colliding", lambda data: b"\x5a" * 16)
+    crafted = bytearray(65536)
+    crafted[100] = 0x42
+    for name, buf in kinds(crafted).items():
+        assert block_digest(buf, "colliding") == b"\x5a" * 16, name
+    assert block_digest(memoryview(bytearray(65536)), "colliding") == ZERO_DIGEST
