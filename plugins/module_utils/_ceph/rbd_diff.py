@@ -38,6 +38,7 @@ import struct
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import DiffFormatError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 
 BANNER = b"rbd diff v1\n"
 BANNER_V2 = b"rbd diff v2\n"
@@ -62,7 +63,6 @@ _META_TAGS = {TAG_FROM_SNAP: "from-snap", TAG_TO_SNAP: "to-snap", TAG_SIZE: "siz
 # Writer states
 _NEW, _OPEN, _ENDED, _BROKEN = "new", "open", "ended", "broken"
 
-_ZERO_BLOCK = bytes(1024 * 1024)
 
 
 def _encode_name(name, what):
@@ -82,16 +82,6 @@ def _encode_name(name, what):
 
 def _decode_name(raw):
     return raw.decode("utf-8", "surrogateescape")
-
-
-def _is_zero(view):
-    """True if a byte-oriented memoryview holds only zero bytes (no big copies)."""
-    step = len(_ZERO_BLOCK)
-    for start in range(0, len(view), step):
-        piece = view[start:start + step]
-        if piece != _ZERO_BLOCK[:len(piece)]:
-            return False
-    return True
 
 
 def _byte_view(data):
@@ -190,7 +180,7 @@ class DiffWriter:
         self._check_range(offset, length, "write")
         if length == 0:
             return
-        if self._detect_zeroes and _is_zero(view):
+        if self._detect_zeroes and all_zero(view):
             self._zero_record(offset, length)
             return
         self._emit(TAG_WRITE + _U64X2.pack(offset, length))

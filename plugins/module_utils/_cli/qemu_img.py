@@ -5,7 +5,8 @@
 
 PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
-Every call goes through ``command.run_command``/``command.run_json`` (no shell, LC_ALL=C).
+Every call goes through the one ``QEMU_IMG`` runner (``command.Tool``: no shell, LC_ALL=C, the
+argument formats declared once below).
 Reads of a file that another process may hold open (a layer served by
 qemu-nbd, a running guest's disk) use ``-U`` (``--force-share``); writes never
 do.  Backing files are always stored RELATIVE to the overlay's directory so a
@@ -18,9 +19,10 @@ import json
 import os
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
-    CommandError, ConflictError, InputError, NotFoundError, RepositoryError)
+    ConflictError, InputError, NotFoundError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, merge
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import run_command, run_json, which
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import (
+    Tool, as_fixed, as_flag, as_func, as_opt_eq_val, as_opt_val, as_value, command_error, run_command, tail)
 
 CACHE_MODES = ("none", "writeback", "writethrough", "directsync", "unsafe")
 
@@ -30,10 +32,6 @@ CHECK_ERROR = 1
 CHECK_CORRUPT = 2
 CHECK_LEAKS = 3
 CHECK_UNSUPPORTED = 63
-
-
-def _qemu_img():
-    return which("qemu-img")
 
 
 def _opts(options):
@@ -46,52 +44,91 @@ def _opts(options):
     return ",".join(parts)
 
 
-def _fmt_args(fmt, flag="-f"):
-    return [flag, fmt] if fmt else []
+def _cache_mode(option):
+    def fmt(mode):
+        if mode not in CACHE_MODES:
+            raise InputError("cache mode %r is not one of %s" % (mode, ", ".join(CACHE_MODES)))
+        return [option, mode]
+    return as_func(fmt)
+
+
+def _coroutines(count):
+    if not 1 <= int(count) <= 16:
+        raise InputError("qemu-img convert accepts 1 to 16 coroutines, not %r" % (count,))
+    return ["-m", int(count)]
+
+
+QEMU_IMG = Tool("qemu-img", {
+    # subcommands
+    "info": as_fixed("info"), "create": as_fixed("create"), "check": as_fixed("check"),
+    "convert": as_fixed("convert"), "compare": as_fixed("compare"), "rebase": as_fixed("rebase"),
+    "commit": as_fixed("commit"), "measure": as_fixed("measure"), "map": as_fixed("map"),
+    # options
+    "output_json": as_fixed("--output=json"),
+    "quiet": as_fixed("-q"),
+    "progress": as_fixed("-p"),
+    "fmt": as_opt_val("-f"),
+    "fmt2": as_opt_val("-F"),  # compare: the second image's format
+    "out_fmt": as_opt_val("-O"),
+    "backing_chain": as_flag("--backing-chain"),
+    "force_share": as_flag("-U"),
+    "backing": as_opt_val("-b"),
+    "backing_fmt": as_opt_val("-F"),
+    "convert_backing": as_opt_val("-B"),
+    "options": as_func(lambda options: ["-o", _opts(options)] if options else []),
+    "out_of_order": as_flag("-W"),
+    "coroutines": as_func(_coroutines),
+    "cache": _cache_mode("-t"),
+    "src_cache": _cache_mode("-T"),
+    "sparse_size": as_opt_val("-S"),
+    "compress": as_flag("-c"),
+    "target_is_zero": as_flag("--target-is-zero"),
+    "skip_create": as_flag("-n"),
+    "strict": as_flag("-s"),
+    "unsafe": as_flag("-u"),
+    "drop": as_flag("-d"),
+    "size_opt": as_opt_val("--size"),
+    "start_offset": as_opt_eq_val("--start-offset"),
+    "max_length": as_opt_eq_val("--max-length"),
+    # positional
+    "path": as_value(), "path2": as_value(), "src": as_value(), "dst": as_value(), "size": as_value(),
+})
 
 
 def info(path, backing_chain=False, fmt=None, force_share=True):
     """``qemu-img info --output=json``: one dict, or a list (top first) with ``backing_chain``."""
-    argv = [_qemu_img(), "info", "--output=json"] + _fmt_args(fmt)
-    if backing_chain:
-        argv.append("--backing-chain")
-    if force_share:
-        argv.append("-U")
-    argv.append(path)
-    return run_json(argv)
+    return QEMU_IMG.run_json("info output_json fmt backing_chain force_share path", path=path, fmt=fmt,
+                             backing_chain=backing_chain, force_share=force_share)
 
 
-def create(path, size=None, fmt="qcow2", backing=None, backing_fmt="qcow2", cluster_size=None, extra_opts=None):
+def create(path, size=None, fmt="qcow2", backing=None, backing_fmt="qcow2", cluster_size=None, extra_opts=None,
+           relative_backing=True):
     """Create an image; refuses to overwrite an existing file.
 
     ``backing`` is a path RELATIVE to the directory of ``path`` (normally the
     bare file name of the parent layer) and is stored exactly like that in the
-    new image, which is verified after creation.  ``size`` may be omitted with
-    a backing file (the backing file's size is used).
+    new image, which is verified after creation; ``relative_backing=False``
+    accepts an absolute one (an instant-restore overlay over a restored disk).
+    ``size`` may be omitted with a backing file (the backing file's size is used).
     """
     if os.path.lexists(path):
         raise ConflictError("refusing to create %s: it already exists" % path, path=path)
-    argv = [_qemu_img(), "create", "-q", "-f", fmt]
     if backing is not None:
-        if os.path.isabs(backing):
+        if relative_backing and os.path.isabs(backing):
             raise InputError("backing file %r must be relative to the directory of %s" % (backing, path))
         resolved = os.path.join(os.path.dirname(os.path.abspath(path)), backing)
         if not os.path.isfile(resolved):
             raise NotFoundError("backing file %s (relative to %s) does not exist" % (backing, path), path=resolved)
-        argv += ["-b", backing, "-F", backing_fmt]
     elif size is None:
         raise InputError("create needs a size when there is no backing file")
     options = dict(extra_opts or {})
     if cluster_size is not None:
         options["cluster_size"] = int(cluster_size)
-    if options:
-        argv += ["-o", _opts(options)]
-    argv.append(path)
-    if size is not None:
-        if int(size) <= 0:
-            raise InputError("image size must be > 0, not %r" % (size,))
-        argv.append(str(int(size)))
-    run_command(argv)
+    if size is not None and int(size) <= 0:
+        raise InputError("image size must be > 0, not %r" % (size,))
+    QEMU_IMG.run("create quiet fmt backing backing_fmt options path size", fmt=fmt, backing=backing,
+                 backing_fmt=backing_fmt if backing is not None else None, options=options, path=path,
+                 size=None if size is None else int(size))
     if backing is not None:
         stored = info(path, fmt=fmt, force_share=False).get("backing-filename")
         if stored != backing:
@@ -111,37 +148,55 @@ def check(path, fmt="qcow2", force_share=False, no_backing=False):
     the check itself hit errors.  Leaked clusters alone are harmless (wasted
     space, no data at risk) and only show in the returned ``leaks``.
     """
-    argv = [_qemu_img(), "check", "--output=json"]
-    if force_share:
-        argv.append("-U")
     if no_backing:
         spec = {"driver": fmt or "qcow2", "backing": None,
                 "file": {"driver": "file", "filename": os.path.abspath(path)}}
-        argv.append("json:" + json.dumps(spec))
+        target, fmt = "json:" + json.dumps(spec), None
     else:
-        argv += _fmt_args(fmt) + [path]
-    proc = run_command(argv, check=False)
+        target = path
+    proc = QEMU_IMG.run("check output_json force_share fmt path", check=False, force_share=force_share, fmt=fmt,
+                        path=target)
+    return check_report(proc.returncode, proc.stdout, proc.stderr, path)
+
+
+def check_report(rc, stdout, stderr, path):
+    """The report of a ``qemu-img check --output=json`` run (exit code, outputs), or RepositoryError."""
     try:
-        report = json.loads(proc.stdout)
+        report = json.loads(stdout)
     except ValueError:
         report = None
     if not isinstance(report, dict):
         raise RepositoryError("qemu-img check could not check %s (rc=%d): %s"
-                              % (path, proc.returncode, tail(proc.stderr or proc.stdout)),
-                              path=path, rc=proc.returncode, stderr=proc.stderr)
+                              % (path, rc, tail(stderr or stdout)), path=path, rc=rc, stderr=stderr)
     problems = []
     if report.get("corruptions", 0):
         problems.append("%d corruption(s)" % report["corruptions"])
     if report.get("check-errors", 0):
         problems.append("%d check error(s)" % report["check-errors"])
-    if proc.returncode in (CHECK_ERROR, CHECK_CORRUPT) and not problems:
-        problems.append("exit code %d" % proc.returncode)
-    if proc.returncode not in (CHECK_OK, CHECK_LEAKS, CHECK_ERROR, CHECK_CORRUPT):
-        problems.append("unexpected exit code %d" % proc.returncode)
+    if rc in (CHECK_ERROR, CHECK_CORRUPT) and not problems:
+        problems.append("exit code %d" % rc)
+    if rc not in (CHECK_OK, CHECK_LEAKS, CHECK_ERROR, CHECK_CORRUPT):
+        problems.append("unexpected exit code %d" % rc)
     if problems:
         raise RepositoryError("qemu-img check found problems in %s: %s" % (path, ", ".join(problems)),
-                              path=path, rc=proc.returncode, report=report, stderr=proc.stderr)
+                              path=path, rc=rc, report=report, stderr=stderr)
     return report
+
+
+_CONVERT = ("fmt out_fmt out_of_order coroutines cache src_cache sparse_size options compress target_is_zero "
+            "skip_create convert_backing backing_fmt force_share src dst")
+
+
+def convert_argv(src, dst, src_fmt=None, dst_fmt="qcow2", out_of_order=False, coroutines=None, cache=None,
+                 src_cache=None, sparse_size=None, options=None, compress=False, target_is_zero=False,
+                 skip_create=False, backing=None, backing_fmt=None, force_share=False, progress=False):
+    """The argv of ``qemu-img convert`` (see ``convert``); ``progress`` is ``-p`` instead of ``-q``."""
+    argv = QEMU_IMG.argv(("convert progress " if progress else "convert quiet ") + _CONVERT, fmt=src_fmt, out_fmt=dst_fmt, out_of_order=out_of_order,
+                         coroutines=coroutines, cache=cache, src_cache=src_cache, sparse_size=sparse_size,
+                         options=options, compress=compress, target_is_zero=target_is_zero, skip_create=skip_create,
+                         convert_backing=backing, backing_fmt=backing_fmt if backing is not None else None,
+                         force_share=force_share, src=src, dst=dst)
+    return argv
 
 
 def convert(src, dst, src_fmt=None, dst_fmt="qcow2", out_of_order=False, coroutines=None, cache=None,
@@ -153,54 +208,23 @@ def convert(src, dst, src_fmt=None, dst_fmt="qcow2", out_of_order=False, corouti
     are ``-t``/``-T``, ``sparse_size`` is ``-S`` (0 writes every zero), ``options``
     a dict for ``-o``, ``skip_create`` is ``-n`` (write into an existing target).
     """
-    argv = [_qemu_img(), "convert", "-q"] + _fmt_args(src_fmt)
-    argv += ["-O", dst_fmt]
-    if out_of_order:
-        argv.append("-W")
-    if coroutines is not None:
-        if not 1 <= int(coroutines) <= 16:
-            raise InputError("qemu-img convert accepts 1 to 16 coroutines, not %r" % (coroutines,))
-        argv += ["-m", str(int(coroutines))]
-    for flag, mode in (("-t", cache), ("-T", src_cache)):
-        if mode is not None:
-            if mode not in CACHE_MODES:
-                raise InputError("cache mode %r is not one of %s" % (mode, ", ".join(CACHE_MODES)))
-            argv += [flag, mode]
-    if sparse_size is not None:
-        argv += ["-S", str(sparse_size)]
-    if options:
-        argv += ["-o", _opts(options)]
-    if compress:
-        argv.append("-c")
-    if target_is_zero:
-        argv.append("--target-is-zero")
-    if skip_create:
-        argv.append("-n")
-    if backing is not None:
-        argv += ["-B", backing]
-        if backing_fmt:
-            argv += ["-F", backing_fmt]
-    if force_share:
-        argv.append("-U")
-    argv += [src, dst]
-    run_command(argv, timeout=timeout)
+    argv = convert_argv(src, dst, src_fmt=src_fmt, dst_fmt=dst_fmt, out_of_order=out_of_order, coroutines=coroutines,
+                        cache=cache, src_cache=src_cache, sparse_size=sparse_size, options=options, compress=compress,
+                        target_is_zero=target_is_zero, skip_create=skip_create, backing=backing,
+                        backing_fmt=backing_fmt, force_share=force_share)
+    run_command(argv, timeout=timeout, env=QEMU_IMG.env)
     return dst
 
 
 def compare(path1, path2, fmt1=None, fmt2=None, strict=False, force_share=True):
     """True when both images read the same (``strict``: allocation must match too)."""
-    argv = [_qemu_img(), "compare", "-q"] + _fmt_args(fmt1) + _fmt_args(fmt2, "-F")
-    if strict:
-        argv.append("-s")
-    if force_share:
-        argv.append("-U")
-    argv += [path1, path2]
-    proc = run_command(argv, check=False)
+    proc = QEMU_IMG.run("compare quiet fmt fmt2 strict force_share path path2", check=False, fmt=fmt1, fmt2=fmt2,
+                        strict=strict, force_share=force_share, path=path1, path2=path2)
     if proc.returncode in (0, 1):
         return proc.returncode == 0
-    raise CommandError("qemu-img compare %s %s failed (rc=%d): %s"
-                       % (path1, path2, proc.returncode, tail(proc.stderr or proc.stdout)),
-                       cmd=argv, rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
+    raise command_error("qemu-img compare %s %s failed (rc=%d): %s"
+                        % (path1, path2, proc.returncode, tail(proc.stderr or proc.stdout)),
+                        proc.args, rc=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
 
 def rebase(path, backing, backing_fmt="qcow2", fmt="qcow2", unsafe=False, cache=None):
@@ -209,20 +233,13 @@ def rebase(path, backing, backing_fmt="qcow2", fmt="qcow2", unsafe=False, cache=
     Safe mode (the default) rewrites ``path`` so that every byte it reads stays
     the same; ``unsafe`` only edits the header.
     """
-    argv = [_qemu_img(), "rebase", "-q", "-f", fmt]
-    if cache is not None:
-        argv += ["-t", cache]
-    if unsafe:
-        argv.append("-u")
     if backing is None:
-        argv += ["-b", ""]
-    else:
-        if os.path.isabs(backing):
-            raise InputError("backing file %r must be relative to the directory of %s" % (backing, path))
-        argv += ["-b", backing, "-F", backing_fmt]
-    argv.append(path)
+        backing, backing_fmt = "", None
+    elif os.path.isabs(backing):
+        raise InputError("backing file %r must be relative to the directory of %s" % (backing, path))
     # qemu-img opens the new backing file relative to the image's directory.
-    run_command(argv)
+    QEMU_IMG.run("rebase quiet fmt cache unsafe backing backing_fmt path", fmt=fmt, cache=cache, unsafe=unsafe,
+                 backing=backing, backing_fmt=backing_fmt, path=path)
     return path
 
 
@@ -231,33 +248,18 @@ def commit(path, base=None, fmt="qcow2", drop=False, cache=None):
 
     ``drop`` (``-d``) leaves ``path`` as it is instead of emptying it.
     """
-    argv = [_qemu_img(), "commit", "-q", "-f", fmt]
-    if cache is not None:
-        argv += ["-t", cache]
-    if base is not None:
-        argv += ["-b", base]
-    if drop:
-        argv.append("-d")
-    argv.append(path)
-    run_command(argv)
+    QEMU_IMG.run("commit quiet fmt cache backing drop path", fmt=fmt, cache=cache, backing=base, drop=drop, path=path)
     return path
 
 
 def measure(size=None, src=None, src_fmt=None, out_fmt="qcow2", options=None, force_share=True):
     """``qemu-img measure``: ``{"required": N, "fully-allocated": N, ...}``."""
-    argv = [_qemu_img(), "measure", "--output=json", "-O", out_fmt]
-    if options:
-        argv += ["-o", _opts(options)]
     if (size is None) == (src is None):
         raise InputError("measure needs exactly one of size or src")
-    if size is not None:
-        argv += ["--size", str(int(size))]
-    else:
-        argv += _fmt_args(src_fmt)
-        if force_share:
-            argv.append("-U")
-        argv.append(src)
-    return run_json(argv)
+    return QEMU_IMG.run_json("measure output_json out_fmt options size_opt fmt force_share src", out_fmt=out_fmt,
+                             options=options, size_opt=None if size is None else int(size),
+                             fmt=src_fmt if src is not None else None, force_share=force_share and src is not None,
+                             src=src)
 
 
 def img_map(path, fmt=None, start_offset=None, max_length=None, force_share=True):
@@ -265,15 +267,8 @@ def img_map(path, fmt=None, start_offset=None, max_length=None, force_share=True
 
     ``depth`` 0 is the image itself, 1 its backing file and so on.
     """
-    argv = [_qemu_img(), "map", "--output=json"] + _fmt_args(fmt)
-    if start_offset is not None:
-        argv.append("--start-offset=%d" % start_offset)
-    if max_length is not None:
-        argv.append("--max-length=%d" % max_length)
-    if force_share:
-        argv.append("-U")
-    argv.append(path)
-    return run_json(argv)
+    return QEMU_IMG.run_json("map output_json fmt start_offset max_length force_share path", fmt=fmt,
+                             start_offset=start_offset, max_length=max_length, force_share=force_share, path=path)
 
 
 def map_extents(path, fmt=None, force_share=True, top_only=False):
@@ -282,18 +277,18 @@ def map_extents(path, fmt=None, force_share=True, top_only=False):
     With ``top_only`` only what the image itself allocates (depth 0) is
     returned; ranges it leaves to its backing chain are omitted.
     """
+    return extents_of_map(img_map(path, fmt=fmt, force_share=force_share), top_only=top_only)
+
+
+def extents_of_map(items, top_only=False):
+    """``qemu-img map --output=json`` items -> merged ``Extent`` list (see ``map_extents``)."""
     out = []
-    for item in img_map(path, fmt=fmt, force_share=force_share):
+    for item in items:
         if top_only and (item.get("depth", 0) != 0 or not item.get("present", True)):
             continue
         kind = DATA if item.get("data") else ZERO
         out.append(Extent(item["start"], item["length"], kind))
     return merge(out)
-
-
-def tail(text, lines=3):
-    """The last lines of a tool's output, on one line, for an error message."""
-    return " | ".join((text or "").strip().splitlines()[-lines:])
 
 
 def _unlink_quietly(path):

@@ -38,10 +38,11 @@ import tempfile
 import time
 import traceback
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import CommandError, InputError, TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, merge
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES, tail
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import tool_env, which
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import (
+    Tool, as_flag, as_opt_eq_val, as_value)
 
 try:
     import nbd
@@ -74,6 +75,22 @@ DEFAULT_MAX_REQUEST = 32 << 20
 # base:allocation flags of NBD_CMD_BLOCK_STATUS
 STATE_HOLE = 1
 STATE_ZERO = 2
+
+
+QEMU_NBD = Tool("qemu-nbd", {
+    "socket": as_opt_eq_val("--socket"),
+    "fmt": as_opt_eq_val("--format"),
+    "cache": as_opt_eq_val("--cache"),
+    "aio": as_opt_eq_val("--aio"),
+    "discard": as_opt_eq_val("--discard"),
+    "detect_zeroes": as_opt_eq_val("--detect-zeroes"),
+    "shared": as_opt_eq_val("--shared"),
+    "pid_file": as_opt_eq_val("--pid-file"),
+    "read_only": as_flag("--read-only"),
+    "persistent": as_flag("--persistent"),
+    "allocation_depth": as_flag("--allocation-depth"),
+    "path": as_value(),
+})
 
 
 def usable_cache_mode(cache, directory):
@@ -159,18 +176,11 @@ class QemuNbd:
         return "nbd+unix:///?socket=%s" % self.socket if self.socket else None
 
     def argv(self):
-        argv = [which("qemu-nbd"), "--socket=%s" % self.socket, "--format=%s" % self.fmt,
-                "--cache=%s" % self.cache, "--aio=%s" % self.aio, "--discard=unmap",
-                "--detect-zeroes=%s" % self.detect_zeroes, "--shared=%d" % self.shared,
-                "--pid-file=%s" % self.pid_file]
-        if self.read_only:
-            argv.append("--read-only")
-        if self.persistent:
-            argv.append("--persistent")
-        if self.allocation_depth:
-            argv.append("--allocation-depth")
-        argv.append(os.path.abspath(self.path))
-        return argv
+        return QEMU_NBD.argv("socket fmt cache aio discard detect_zeroes shared pid_file read_only persistent "
+                             "allocation_depth path", socket=self.socket, fmt=self.fmt, cache=self.cache,
+                             aio=self.aio, discard="unmap", detect_zeroes=self.detect_zeroes, shared=self.shared,
+                             pid_file=self.pid_file, read_only=self.read_only, persistent=self.persistent,
+                             allocation_depth=self.allocation_depth, path=os.path.abspath(self.path))
 
     def start(self):
         if self.proc is not None:
@@ -184,12 +194,14 @@ class QemuNbd:
         argv = self.argv()
         try:
             with open(self._stderr_path, "wb") as err:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
-                                             env=tool_env(), close_fds=True, start_new_session=True,
-                                             preexec_fn=_child_setup(os.getpid()))
-        except OSError as exc:
+                self.proc = QEMU_NBD.spawn(argv, stdout=err, stderr=err, start_new_session=True,
+                                           preexec_fn=_child_setup(os.getpid()))
+        except CommandError as exc:
             self._remove_tmpdir()
-            raise TransferError("cannot run qemu-nbd: %s" % exc, cmd=argv)
+            raise TransferError(exc.msg, cmd=argv)
+        except OSError as exc:  # the stderr file in our own temporary directory
+            self._remove_tmpdir()
+            raise TransferError("cannot start qemu-nbd: %s" % exc, cmd=argv)
         deadline = time.monotonic() + self.start_timeout
         while not self._ready():
             rc = self.proc.poll()

@@ -100,20 +100,34 @@ def _memcmp():
     return _MEMCMP
 
 
-def all_zero(data, zero_chunk):
-    """True when ``data`` is all zero bytes; ``zero_chunk``: zero bytes, normally at least as long.
+def _byte_address(view):
+    """The address of a C-contiguous byte view's first byte without a copy, or None."""
+    where = address(view)
+    if where is None and isinstance(view.obj, bytes) and view.nbytes == len(view.obj):
+        where = ctypes.cast(ctypes.c_char_p(view.obj), ctypes.c_void_p).value
+    return where
 
-    bytes and bytearray compare with ``==`` (memcmp: stops at the first non-zero byte, ~50 GB/s on
-    zeroes); a writable buffer (a memoryview of an mmap) with memcmp itself; any other view through
-    a copy, because ``==`` on a memoryview unpacks it item by item under the GIL (~1 GB/s, 80 times
-    slower).
+
+def all_zero(data):
+    """True when the bytes-like ``data`` (bytes, bytearray, mmap, any memoryview) holds only zero bytes.
+
+    The one all-zero check of the collection.  After its first and last byte (most data blocks
+    stop there), the buffer is compared with itself shifted by one byte: ``memcmp(p, p + 1, n - 1)``
+    is 0 exactly when every byte equals the next, and the first one is zero.  That reads the
+    buffer once and no zero buffer at all: ~40-80 GB/s here, twice ``data == bytes(n)``, and a
+    hundred times ``==`` on a memoryview, which CPython compares item by item under the GIL.  A
+    read-only view of part of an object (no address to take) is copied first.
     """
-    length = len(data)
-    if not length or data[0]:
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    length = len(view)
+    if not length or view[0] or view[length - 1]:
         return not length
-    if isinstance(data, (bytes, bytearray)):
-        return data == (zero_chunk if length == len(zero_chunk) else bytes(length))
-    where = address(data)
-    if where is None or length > len(zero_chunk):
-        return bytes(data) == (zero_chunk if length == len(zero_chunk) else bytes(length))
-    return _memcmp()(where, zero_chunk, length) == 0
+    where = _byte_address(view)
+    if where is None:
+        view = memoryview(view.tobytes())  # this local keeps the copy alive until memcmp returns
+        where = _byte_address(view)
+    return _memcmp()(where, where + 1, length - 1) == 0

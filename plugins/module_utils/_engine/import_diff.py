@@ -30,6 +30,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rb
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CephError, ConflictError, DiffFormatError, InputError, NotFoundError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, scan
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import Progress, nocache_flag
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import Window
@@ -42,13 +43,12 @@ READ_CHUNK = 4 << 20
 def sparse_runs(data, sparse_size=SPARSE_SIZE):
     """``(start, length, is_zero)`` runs of ``data``: whole ``sparse_size`` pieces of zero bytes are zero runs."""
     view = memoryview(data).cast("B")
-    zero = bytes(sparse_size)
     runs = []
     pos = 0
     n = len(view)
     while pos < n:
         piece = min(sparse_size, n - pos)
-        is_zero = piece == sparse_size and view[pos:pos + piece] == zero
+        is_zero = piece == sparse_size and all_zero(view[pos:pos + piece])
         if runs and runs[-1][2] == is_zero:
             runs[-1] = (runs[-1][0], runs[-1][1] + piece, is_zero)
         else:

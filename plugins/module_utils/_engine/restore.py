@@ -69,7 +69,7 @@ import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
-    CommandError, ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError, TransferError)
+    ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import (
     DIRECT_ALIGN, aligned, all_zero, fsync_dir, parse_mode, pwrite_all)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, total
@@ -1386,7 +1386,6 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
     as a memoryview of its first ``length`` bytes, so that it goes to the disk without a copy."""
     lock = threading.Lock()
     counts = [0, 0]
-    zero_chunk = bytes(chunk)
     pool = collections.deque()  # free whole-chunk buffers (deque append/pop are atomic)
     use_mmap = bool(getattr(sink, "aligned_buffers", False))
 
@@ -1400,7 +1399,7 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
             buf = bytearray(length)
         data = memoryview(buf)[:length] if use_mmap else buf
         point_map.read_into(pieces, data)
-        if all_zero(data, zero_chunk):
+        if all_zero(data):
             release(buf)
             return None
         return buf, data
@@ -1551,8 +1550,8 @@ def _restore_qcow2(target, layer, point, parallel, progress, result):
     a raw file, the page cache costs more than the copy on a virtualised host.
     """
     from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import command_error
     from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import _child_setup, usable_cache_mode
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import tool_env, which
     started = time.monotonic()
     measured = _qemu_img.measure(src=layer, src_fmt="qcow2", out_fmt="qcow2", force_share=False)
     needed = int(measured.get("required") or 0)
@@ -1561,11 +1560,10 @@ def _restore_qcow2(target, layer, point, parallel, progress, result):
     try:
         progress.set_phase("writing", bytes_total=needed, zero_total=0)
         cache = usable_cache_mode("none", os.path.dirname(target.temp) or ".")
-        argv = [which("qemu-img"), "convert", "-p", "-f", "qcow2", "-O", "qcow2", "-m", str(min(parallel, 16)),
-                "-W", "-t", cache, layer, target.temp]
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,  # pylint: disable=consider-using-with
-                                stderr=subprocess.PIPE, env=tool_env(), close_fds=True,
-                                preexec_fn=_child_setup(os.getpid()))
+        argv = _qemu_img.convert_argv(layer, target.temp, src_fmt="qcow2", dst_fmt="qcow2", out_of_order=True,
+                                      coroutines=min(parallel, 16), cache=cache, progress=True)
+        proc = _qemu_img.QEMU_IMG.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        preexec_fn=_child_setup(os.getpid()))
         err_chunks = []
         reader = threading.Thread(target=lambda: err_chunks.append(proc.stderr.read()), daemon=True)
         reader.start()
@@ -1582,8 +1580,8 @@ def _restore_qcow2(target, layer, point, parallel, progress, result):
         reader.join()
         if rc != 0:
             stderr = b"".join(err_chunks).decode("utf-8", "replace")
-            raise CommandError("qemu-img convert of point %s failed (rc=%d): %s"
-                               % (point["name"], rc, _qemu_img.tail(stderr)), cmd=argv, rc=rc, stderr=stderr)
+            raise command_error("qemu-img convert of point %s failed (rc=%d): %s"
+                                % (point["name"], rc, _qemu_img.tail(stderr)), argv, rc=rc, stderr=stderr)
         _qemu_img.check(target.temp)
         progress.set_phase("syncing")
         target.commit()

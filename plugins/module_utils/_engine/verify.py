@@ -515,10 +515,9 @@ def verify(params, check_mode=False):
                              exception=_rbd.RBD_IMPORT_ERROR)
         _ceph.check_ceph_params(params)
     from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import which
     _nbd.require_nbd()
-    which("qemu-img")
-    which("qemu-nbd")
+    _qemu_img.QEMU_IMG.require()
+    _nbd.QEMU_NBD.require()
     started = time.monotonic()
     repo = Repository(opts["chain"])
     try:

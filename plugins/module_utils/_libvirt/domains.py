@@ -42,7 +42,7 @@ import xml.etree.ElementTree as ET
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import command as _run
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import lvm as _lvm
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CommandError, InputError, NotFoundError, SnapchainError)
 
@@ -571,37 +571,36 @@ def classify_path(disk):
 LVS_FIELDS = ("vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_attr", "lv_size", "pool_lv", "origin")
 
 
-def lvs_argv(lvs):
-    return [lvs, "--reportformat", "json", "--units", "b", "--nosuffix", "-o", ",".join(LVS_FIELDS)]
-
-
 def lvm_index_from_report(report, realpath=os.path.realpath):
     """``lvs --reportformat json`` output → {device path: lv dict}, keyed by every name of each LV."""
+    return lvm_index_from_rows(_lvm.report_rows(report, "lv"), realpath)
+
+
+def lvm_index_from_rows(rows, realpath=os.path.realpath):
+    """``_lvm.lvs`` rows → {device path: lv dict}, keyed by every name of each LV."""
     index = {}
-    for block in report.get("report", []):
-        for lv in block.get("lv", []):
-            size = lv.get("lv_size")
-            info = dict(vg=lv.get("vg_name"), lv=lv.get("lv_name"), attr=lv.get("lv_attr") or None,
-                        size=int(size) if size and size.isdigit() else None,
-                        pool_lv=lv.get("pool_lv") or None, origin=lv.get("origin") or None)
-            for key in ("lv_path", "lv_dm_path"):
-                if lv.get(key):
-                    index[lv[key]] = info
-                    index.setdefault(realpath(lv[key]), info)
+    for lv in rows:
+        size = lv.get("lv_size")
+        info = dict(vg=lv.get("vg_name"), lv=lv.get("lv_name"), attr=lv.get("lv_attr"),
+                    size=size if isinstance(size, int) else None, pool_lv=lv.get("pool_lv"), origin=lv.get("origin"))
+        for key in ("lv_path", "lv_dm_path"):
+            if lv.get(key):
+                index[lv[key]] = info
+                index.setdefault(realpath(lv[key]), info)
     return index
 
 
 def lvm_index():
     """(index, note): every logical volume of the host by path, or (None, why not) without LVM."""
     try:
-        lvs = _run.which("lvs")
+        _lvm.LVS.require()
     except InputError:
         return None, "lvs is not installed: LVM classified by path only"
     try:
-        report = _run.run_json(lvs_argv(lvs), timeout=60, env={"LVM_SUPPRESS_FD_WARNINGS": "1"})
+        rows = _lvm.lvs(LVS_FIELDS, timeout=60)
     except CommandError as exc:
-        return None, "lvs failed (%s): LVM classified by path only" % exc.msg
-    return lvm_index_from_report(report), None
+        return None, "%s: LVM classified by path only" % exc.msg
+    return lvm_index_from_rows(rows), None
 
 
 def dm_info(path, sys_root="/sys"):

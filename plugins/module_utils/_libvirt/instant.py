@@ -39,7 +39,8 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._libvirt import
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError, SnapchainError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import load_chain, parse_time
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import run_command, which
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import has_magic
 
 NS = "http://snapchain.invalid/xmlns/instant-restore/1"
 OVERLAY_SUFFIX = ".overlay.qcow2"
@@ -47,7 +48,6 @@ CONSOLE_SUFFIX = ".console.log"
 NETWORK_MODES = ("keep", "none")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,199}$")
 _RBD_RE = re.compile(r"^(?:rbd:)?([^/@\s]+)/(?:([^/@\s]+)/)?([^/@\s]+)$")
-QCOW2_MAGIC = b"QFI\xfb"
 
 ET.register_namespace("snapchain", NS)
 
@@ -89,7 +89,7 @@ def disk_spec(value, probe=True):
                 raise InputError("restored disk %s is neither a regular file nor a block device" % value, path=value)
             try:
                 with open(value, "rb") as f:
-                    if f.read(4) == QCOW2_MAGIC:
+                    if has_magic(f.read(4)):
                         fmt = "qcow2"
             except OSError as exc:
                 raise InputError("cannot read restored disk %s: %s" % (value, exc.strerror), path=value)
@@ -312,7 +312,7 @@ def create_overlay(path, backing):
     if os.path.lexists(path):
         raise ConflictError("overlay %s already exists (left by an earlier run? state: absent removes it)" % path,
                             path=path)
-    run_command([which("qemu-img"), "create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", path])
+    _qemu_img.create(path, backing=backing, backing_fmt="qcow2", relative_backing=False)
     os.chmod(path, 0o600)
     return path
 

@@ -65,8 +65,10 @@ import threading
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, RepositoryError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import (
+    EXT_DATA_FILE, EXT_ENCRYPTION, INCOMPAT_COMPRESSION, HeaderError, has_magic, read_header)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import (
-    EXT_BACKING_FORMAT, EXT_END, MAGIC, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO)
+    OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO)
 
 MAX_DEPTH = 4096
 WINDOW_CLUSTERS = 4096
@@ -83,8 +85,6 @@ MAX_GROUP = 256  # pieces per preadv (IOV_MAX is 1024: pieces and gaps)
 _SCRATCH = memoryview(bytearray(MAX_GAP))  # where the bytes between them go (shared: never read)
 _INF = float("inf")
 
-_HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")  # 72 bytes
-_HEADER_V3 = struct.Struct(">QQQII")  # at 72: incompatible, compatible, autoclear features, refcount order, length
 
 L1E_OFFSET_MASK = L2E_OFFSET_MASK = OFFSET_MASK
 L1E_RESERVED = 0x7F000000000001FF  # bits 0-8 and 56-62
@@ -92,12 +92,8 @@ L2E_ZERO = OFLAG_ZERO
 L2E_RESERVED = 0x3F000000000001FE  # bits 1-8 and 56-61
 L2E_COMPRESSED = OFLAG_COMPRESSED
 
-INCOMPAT_NAMES = {0: "dirty", 1: "corrupt", 2: "external data file", 3: "compression type", 4: "extended L2 entries"}
 # The compression type only says how compressed clusters are compressed; those are refused one by one.
-INCOMPAT_SUPPORTED = 1 << 3
-
-EXT_ENCRYPTION = 0x0537BE77
-EXT_DATA_FILE = 0x44415441
+INCOMPAT_SUPPORTED = INCOMPAT_COMPRESSION
 
 # QEMU's image locking bytes (block/file-posix.c) and permission bits (include/block/block-common.h).
 RAW_LOCK_PERM_BASE = 100
@@ -335,34 +331,28 @@ class Qcow2Layer(_Layer):
 
     def __init__(self, path, fd, st):
         super().__init__(path, fd, st)
-        head = _pread_exact(fd, _HEADER_V2.size, 0, path, "the qcow2 header")
-        (magic, version, backing_offset, backing_size, cluster_bits, size, crypt, l1_size, l1_offset,
-         _rt_offset, _rt_clusters, _nb_snapshots, _snapshots_offset) = _HEADER_V2.unpack(head)
-        if magic != MAGIC:
-            raise RepositoryError("%s is not a qcow2 image (bad magic)" % path, path=path)
-        if version not in (2, 3):
-            raise Unsupported("%s is qcow2 version %d" % (path, version), path=path)
-        if not 9 <= cluster_bits <= 21:
-            raise Unsupported("%s has cluster_bits %d" % (path, cluster_bits), path=path)
-        self.version = version
-        self.cluster_bits = cluster_bits
-        self.cluster_size = cs = 1 << cluster_bits
-        self.l2_cover = cs * (cs // 8)
-        if crypt:
+        try:
+            header = read_header(path, fd=fd)
+        except HeaderError as exc:
+            if exc.details.get("reason") == "magic":
+                raise
+            raise Unsupported(exc.msg, path=path)
+        if header.crypt_method or any(ext == EXT_ENCRYPTION for ext, _body in header.extensions):
             raise Unsupported("%s is encrypted" % path, path=path)
-        header_length = _HEADER_V2.size
-        if version == 3:
-            incompat, _compat, _autoclear, _refcount_order, header_length = _HEADER_V3.unpack(
-                _pread_exact(fd, _HEADER_V3.size, _HEADER_V2.size, path, "the qcow2 v3 header"))
-            bad = incompat & ~INCOMPAT_SUPPORTED
-            if bad:
-                names = [INCOMPAT_NAMES.get(bit, "unknown bit %d" % bit) for bit in range(64) if bad & (1 << bit)]
-                raise Unsupported("%s has incompatible feature(s): %s" % (path, ", ".join(names)), path=path)
-            if header_length < _HEADER_V2.size + _HEADER_V3.size or header_length > cs:
-                raise Unsupported("%s has header length %d" % (path, header_length), path=path)
+        if any(ext == EXT_DATA_FILE for ext, _body in header.extensions):
+            raise Unsupported("%s names an external data file" % path, path=path)
+        bad = header.incompatible_names(~INCOMPAT_SUPPORTED)
+        if bad:
+            raise Unsupported("%s has incompatible feature(s): %s" % (path, ", ".join(bad)), path=path)
+        self.version = header.version
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = cs = header.cluster_size
+        self.l2_cover = cs * (cs // 8)
+        size = header.size
         if size % 512:
             raise Unsupported("%s has a virtual size of %d bytes, not a multiple of 512" % (path, size), path=path)
         self.size = size
+        l1_offset, l1_size = header.l1_table_offset, header.l1_size
         if l1_offset % cs or (l1_size and not l1_offset):
             raise Unsupported("%s has an invalid L1 table offset %d" % (path, l1_offset), path=path)
         if l1_size < -(-size // self.l2_cover):
@@ -372,35 +362,8 @@ class Qcow2Layer(_Layer):
         self.l1_size = l1_size
         self._l1_first = None
         self._l1 = ()
-        # Header extensions, then the backing file name, all inside the first cluster.
-        ext_end = backing_offset if backing_offset else cs
-        if backing_offset:
-            if backing_size == 0 or backing_size > 1023 or backing_offset + backing_size > cs:
-                raise Unsupported("%s has an invalid backing file name (offset %d, length %d)"
-                                  % (path, backing_offset, backing_size), path=path)
-        try:
-            first = os.pread(fd, ext_end - header_length, header_length) if ext_end > header_length else b""
-        except OSError as exc:
-            raise RepositoryError("cannot read the header of %s: %s" % (path, exc.strerror), path=path)
-        backing_fmt = None
-        pos = 0
-        while pos + 8 <= len(first):
-            ext_type, ext_len = struct.unpack_from(">II", first, pos)
-            if ext_type == EXT_END:
-                break
-            if pos + 8 + ext_len > len(first):
-                raise Unsupported("%s: header extension 0x%08x runs past its end" % (path, ext_type), path=path)
-            body = first[pos + 8:pos + 8 + ext_len]
-            if ext_type == EXT_BACKING_FORMAT:
-                backing_fmt = body.decode("ascii", "replace")
-            elif ext_type == EXT_ENCRYPTION:
-                raise Unsupported("%s has an encryption header" % path, path=path)
-            elif ext_type == EXT_DATA_FILE:
-                raise Unsupported("%s names an external data file" % path, path=path)
-            pos += 8 + ((ext_len + 7) & ~7)
-        if backing_offset:
-            name = _pread_exact(fd, backing_size, backing_offset, path, "the backing file name")
-            self.backing = (name.decode("utf-8", "surrogateescape"), backing_fmt)
+        if header.backing_file is not None:
+            self.backing = (header.backing_file, header.backing_format)
 
     def _l2_offset(self, index):
         if self._l1_first is None or not self._l1_first <= index < self._l1_first + len(self._l1):
@@ -486,8 +449,7 @@ def _open_layer(path, fmt):
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise Unsupported("%s is not a regular file or a block device" % path, path=path)
         if fmt is None:
-            magic = os.pread(fd, 4, 0)
-            if magic != MAGIC:
+            if not has_magic(os.pread(fd, 4, 0)):
                 raise Unsupported("%s has no backing format and is not qcow2 (QEMU would probe it)" % path, path=path)
             fmt = "qcow2"
         if fmt == "qcow2":

@@ -39,8 +39,9 @@ import threading
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, InputError, TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import DIRECT_ALIGN, aligned, pwrite_all
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import (
+    EXT_BACKING_FORMAT, EXT_END, MAGIC, MAX_BACKING_NAME)
 
-MAGIC = b"QFI\xfb"
 VERSION = 3
 OFLAG_COPIED = 1 << 63
 OFLAG_COMPRESSED = 1 << 62
@@ -49,12 +50,9 @@ OFFSET_MASK = 0x00FFFFFFFFFFFE00
 REFCOUNT_ORDER = 4  # 16-bit refcounts, QEMU's default
 HEADER_LENGTH = 112  # the v3 header with the compression type byte (zlib) and padding, as QEMU writes it
 _HEADER = struct.Struct(">4sIQIIQIIQQIIQQQQII")
-EXT_BACKING_FORMAT = 0xE2792ACA
-EXT_END = 0
 MIN_CLUSTER, MAX_CLUSTER = 512, 2 << 20
 PREALLOCATE = 256 << 20  # the file grows by fallocate() in steps this big: no extending O_DIRECT writes
 MAX_CACHED_TABLES = 256  # L2 tables kept in memory (16 MiB at 64 KiB clusters), the rest written out
-MAX_BACKING_NAME = 1023  # QEMU refuses to open a layer with a longer backing file name
 MAX_L1_ENTRIES = (32 << 20) // 8  # QEMU's QCOW_MAX_L1_SIZE: a larger active L1 table does not open
 
 

@@ -34,7 +34,6 @@ import copy
 import datetime
 import errno
 import fcntl
-import functools
 import hashlib
 import itertools
 import json
@@ -54,7 +53,8 @@ except ImportError:
     HAS_XXHASH = False
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero, fsync_dir
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import read_header
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming import parse_managed
@@ -121,26 +121,8 @@ def fsync_file(path):
 
 def read_qcow2_header(path):
     """``(virtual_size, backing_file_name_or_None)`` straight from a qcow2 header (no qemu-img run)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(32)
-            if len(head) < 32 or head[:4] != b"QFI\xfb":
-                raise RepositoryError("%s is not a qcow2 image (bad header)" % path, path=path)
-            backing_offset, backing_size = struct.unpack(">QI", head[8:20])
-            size = struct.unpack(">Q", head[24:32])[0]
-            backing = None
-            if backing_offset:
-                if backing_size == 0 or backing_size > 1023:
-                    raise RepositoryError("%s has an invalid backing file name length %d" % (path, backing_size),
-                                          path=path)
-                f.seek(backing_offset)
-                raw = f.read(backing_size)
-                if len(raw) != backing_size:
-                    raise RepositoryError("%s: truncated backing file name" % path, path=path)
-                backing = raw.decode("utf-8", "surrogateescape")
-            return size, backing
-    except OSError as exc:
-        raise RepositoryError("cannot read %s: %s" % (path, exc.strerror), path=path)
+    header = read_header(path)
+    return header.size, header.backing_file
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,11 +134,6 @@ ZERO_DIGEST = bytes(DIGEST_SIZE)  # stands for "this block reads as zeroes", wha
 _DIGESTS_MAGIC = b"SCBDIG\x00\x01"
 _DIGESTS_HEADER = struct.Struct("<8sIIQ")  # magic, block size, digest size, record count
 _RECORD = 8 + DIGEST_SIZE  # u64 little-endian block index + digest
-
-
-@functools.lru_cache(maxsize=8)
-def _zeroes(length):
-    return bytes(length)
 
 
 def _blake2b_128(data):
@@ -188,21 +165,14 @@ def digest_function(algorithm):
     return DIGEST_FUNCTIONS[algorithm]
 
 
-@functools.lru_cache(maxsize=16)
-def _zero_hash(length, algorithm):
-    return digest_function(algorithm)(_zeroes(length))
-
-
 def block_digest(data, algorithm=LEGACY_DIGEST):
     """16-byte digest of a block's bytes, or ZERO_DIGEST when they are all zero."""
     fn = digest_function(algorithm)
-    length = memoryview(data).nbytes
-    if isinstance(data, (bytes, bytearray)):
-        if data == _zeroes(length):
-            return ZERO_DIGEST
-        return fn(data)
-    digest = fn(data)
-    return ZERO_DIGEST if digest == _zero_hash(length, algorithm) else digest
+    # Exactly all zero, never "hashes like zeroes": a guest could craft a block whose unkeyed
+    # digest equals that of a zero block.
+    if all_zero(data):
+        return ZERO_DIGEST
+    return fn(data)
 
 
 class BlockDigests:

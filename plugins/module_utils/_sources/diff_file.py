@@ -34,8 +34,6 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base i
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
     DEFAULT_CHUNK, Stats, Window, block_runs)
 
-_ZERO_CHUNK = bytes(DEFAULT_CHUNK)
-
 
 def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, readback_chunk=DEFAULT_CHUNK,
                 digest=block_digest):
@@ -74,7 +72,7 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
         return lo, hi
 
     def job(offset, data, length, lo, hi):
-        if data is not None and all_zero(data, _ZERO_CHUNK):
+        if data is not None and all_zero(data):
             data = None
         if data is None:
             target.zero(offset, length)

@@ -251,7 +251,6 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
     stats = Stats()
     digests = {}
     lock = threading.Lock()
-    zero_buf = bytes(chunk)
 
     def digest_range(off, data):
         if not block_size:
@@ -290,7 +289,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
         pos = 0
         while pos < ext.length:
             n = min(block_size - (ext.offset + pos) % block_size, ext.length - pos)
-            kind = ZERO if all_zero(view[pos:pos + n], zero_buf) else DATA
+            kind = ZERO if all_zero(view[pos:pos + n]) else DATA
             if runs and runs[-1][0] == kind:
                 runs[-1][2] += n
             else:
@@ -306,7 +305,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
         if len(data) != ext.length:
             raise TransferError("short read at offset %d: %d of %d bytes" % (ext.offset, len(data), ext.length),
                                 offset=ext.offset)
-        if all_zero(data, zero_buf):
+        if all_zero(data):
             return [(Extent(ext.offset, ext.length, ZERO), None)]
         if block_size and not sink.ordered:
             return split_zero_blocks(ext, data)

@@ -1,6 +1,7 @@
 """Fixtures shared by the module_utils unit tests."""
 
 import errno
+import json
 import os
 import subprocess
 
@@ -39,3 +40,44 @@ def refuse_o_direct(monkeypatch):
         patch.setattr(os, "open", fake_open)
 
     return refuse
+
+
+CLI_FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "cli")
+
+
+class RecordedRuns:
+    """Stands in for ``subprocess.run`` in ``_cli.command`` (its ``_RUN``): answers each call with the next recorded
+    run (``fixtures/cli/<name>.json``: the argv it was recorded with, rc, stdout, stderr) and keeps
+    the argv and environment of every call, for tests that list the exact argv a function builds."""
+
+    def __init__(self):
+        self.calls = []
+        self.answers = []
+
+    def answer(self, *names):
+        for name in names:
+            with open(os.path.join(CLI_FIXTURES, name + ".json")) as f:
+                self.answers.append(json.load(f))
+        return self
+
+    @property
+    def argv(self):
+        return self.calls[-1]["argv"]
+
+    def __call__(self, argv, input=None, capture_output=False, text=False, check=False, timeout=None, env=None):
+        # pylint: disable=redefined-builtin,unused-argument
+        self.calls.append(dict(argv=list(argv), env=env, timeout=timeout))
+        doc = self.answers.pop(0) if self.answers else dict(rc=0, stdout="", stderr="")
+        return subprocess.CompletedProcess(list(argv), doc["rc"], doc["stdout"], doc["stderr"])
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """``RecordedRuns`` in place of subprocess.run for every ``_cli`` tool; binaries at fixed paths."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import command, lvm, qemu_img, qemu_nbd
+    runs = RecordedRuns()
+    monkeypatch.setattr(command, "_RUN", runs)
+    for tool, path in ((qemu_img.QEMU_IMG, "/usr/bin/qemu-img"), (qemu_nbd.QEMU_NBD, "/usr/bin/qemu-nbd"),
+                       (lvm.LVS, "/usr/sbin/lvs")):
+        monkeypatch.setattr(tool, "_path", path)
+    return runs

@@ -195,11 +195,6 @@ def test_lvm_index_from_report():
     assert "/dev/mapper/vg0-thinpool" in index and "" not in index
 
 
-def test_lvs_argv_asks_for_json():
-    argv = lv.lvs_argv("/usr/sbin/lvs")
-    assert argv[:3] == ["/usr/sbin/lvs", "--reportformat", "json"] and "--nosuffix" in argv
-
-
 def test_dm_info_reads_sysfs(tmp_path, monkeypatch):
     (tmp_path / "block" / "dm-3" / "dm").mkdir(parents=True)
     (tmp_path / "block" / "dm-3" / "dm" / "name").write_text("vg0-db2--root\n")

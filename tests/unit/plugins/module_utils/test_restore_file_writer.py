@@ -26,7 +26,6 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qem
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import restore as _restore
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
                                 reason="needs qemu-img and qemu-io (qemu-utils)")
@@ -322,19 +321,6 @@ def test_writes_of_any_alignment_from_any_buffer(tmp_path, direct):
     finally:
         os.close(fd)
     assert path.read_bytes() == bytes(expected)
-
-
-def test_all_zero_of_mmap_views():
-    zero_chunk = bytes(MiB)
-    page = mmap.mmap(-1, MiB)
-    view = memoryview(page)
-    assert all_zero(view, zero_chunk) and all_zero(view[:5000], zero_chunk)
-    page[MiB - 1] = 1
-    assert not all_zero(view, zero_chunk)
-    assert all_zero(view[:MiB - 1], zero_chunk)
-    page[0] = 7
-    assert not all_zero(view[:1], zero_chunk)
-    assert all_zero(bytes(10), zero_chunk) and not all_zero(b"\0\0\1", zero_chunk)
 
 
 # -- a real block device -----------------------------------------------------------------------------
