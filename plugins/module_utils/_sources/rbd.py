@@ -58,21 +58,6 @@ def _merge_runs(extents):
     return out
 
 
-class ImageReader:
-    """Reads of an image opened at a snapshot, from many threads (librbd is thread-safe and
-    the binding releases the GIL while reading)."""
-
-    def __init__(self, img):
-        self.img = img
-        self.size = img.size()
-
-    def read(self, offset, length):
-        try:
-            return self.img.read(offset, length)
-        except _rbd.rbd.Error as exc:
-            raise TransferError("read of %d bytes at offset %d failed: %s" % (length, offset, exc), offset=offset)
-
-
 class RbdSource(Source):
     """``image`` of the session ``sess``; ``head`` is the image opened at its head (read-only in
     check mode).  ``snapshot``: the caller's snapshot (None: create a managed one)."""
