@@ -10,7 +10,10 @@ One directory per disk::
     manifest.json              {"format": 1, "block_size": 65536, "points": [...]}, oldest first
     <name>.qcow2               one layer per point; backing file = the parent's layer (relative name)
     <name>.digests             per-block digests of the blocks that layer wrote (optional)
-    .lock                      flock()ed for the duration of any write; holds "pid, host, since"
+    .lock                      flock()ed exclusively by a run that writes (backup, append, marking bad);
+                               holds "pid, host, since"
+    .read.lock                 flock()ed shared by a run that only reads points (chain_verify);
+                               exclusively by a run that removes or rewrites published layers
     .<file>.partial            work in progress; never read, removed by cleanup_partial()
 
 A point name is a UTC stamp (``_naming``: ``20261122T031500Z``), which sorts
@@ -42,6 +45,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from array import array
 
 try:
@@ -59,6 +63,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming im
 
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
+READ_LOCK_FILE = ".read.lock"
 LAYER_SUFFIX = ".qcow2"
 DIGESTS_SUFFIX = ".digests"
 PARTIAL_SUFFIX = ".partial"
@@ -497,6 +502,7 @@ class Repository:
         BlockDigests(block_size)  # validates it
         self._manifest = None
         self._lock_fd = None
+        self._read_fd = None
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, filename):
@@ -543,46 +549,98 @@ class Repository:
         return self._lock_fd is not None
 
     @contextlib.contextmanager
-    def lock(self):
-        """Hold ``<disk_dir>/.lock`` exclusively, or fail at once with LockedError.
+    def lock(self, shared=False, wait=0, exclude_readers=False):
+        """Hold the repository lock in one of its two modes, or fail with LockedError naming the holder.
 
-        The lock is released by the kernel when this process dies, whatever kills it.
+        exclusive (the default)
+            ``<disk_dir>/.lock``, exclusively: one run at a time changes the manifest (a backup, an
+            append, chain_verify marking points bad).  It holds "pid, host, since" for the message.
+            Readers are not excluded: a publish only adds files and renames the manifest into
+            place, so a reader sees the manifest before or after it, never half of it.
+        shared (``shared=True``)
+            ``<disk_dir>/.read.lock``, shared: a run that only reads published points (chain_verify).
+            Any number of readers and one writer run together.  A run that removes or rewrites
+            published layers (retention) passes ``exclude_readers=True`` to its exclusive lock: it
+            then also takes ``.read.lock`` exclusively, and so fails while a reader runs.
+
+        ``wait``: seconds to keep trying (every 0.2 s) before failing.  The kernel releases the
+        lock when this process dies, whatever kills it.
         """
-        if self._lock_fd is not None:
+        if shared:
+            if exclude_readers:
+                raise InputError("exclude_readers goes with the exclusive lock, not the shared one")
+            if self._read_fd is not None:
+                raise RepositoryError("repository %s is already read-locked by this run" % self.disk_dir)
+        elif self._lock_fd is not None:
             raise RepositoryError("repository %s is already locked by this run" % self.disk_dir)
         self.ensure_dir()
-        path = self.path(LOCK_FILE)
+        if shared:
+            fd = self._flock(READ_LOCK_FILE, fcntl.LOCK_SH, wait, "reads")
+            self._read_fd = fd
+            try:
+                yield self
+            finally:
+                self._read_fd = None
+                os.close(fd)  # releases the flock
+            return
+        fd = self._flock(LOCK_FILE, fcntl.LOCK_EX, wait, "holds")
+        readers = None
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                         self.file_mode)
-        except OSError as exc:
-            raise RepositoryError("cannot open lock file %s: %s" % (path, exc.strerror), path=path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError("another run holds %s (%s)" % (self.disk_dir, _describe_holder(holder)),
-                                  path=self.disk_dir, holder=holder)
-            raise RepositoryError("cannot lock %s: %s" % (path, exc.strerror), path=path)
-        try:
+            if exclude_readers:
+                readers = self._flock(READ_LOCK_FILE, fcntl.LOCK_EX, wait, "reads")
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_iso()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         except OSError:
             pass  # the flock is what matters; the text is only for the message
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
-        self._manifest = None  # re-read under the lock
+        self._manifest = None  # re-read under the lock: a point another run published meanwhile is kept
         try:
             yield self
         finally:
             self._lock_fd = None
+            if readers is not None:
+                os.close(readers)
             try:
                 os.ftruncate(fd, 0)
             except OSError:
                 pass
             os.close(fd)  # releases the flock
+
+    def _flock(self, filename, operation, wait, what):
+        """The fd of ``filename`` in the disk directory with ``operation`` (LOCK_SH/LOCK_EX) flock()ed."""
+        path = self.path(filename)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         self.file_mode)
+        except OSError as exc:
+            raise RepositoryError("cannot open lock file %s: %s" % (path, exc.strerror), path=path)
+        deadline = time.monotonic() + max(0, wait or 0)
+        while True:
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                return fd
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise RepositoryError("cannot lock %s: %s" % (path, exc.strerror), path=path)
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                holder = _read_holder(fd) if filename == LOCK_FILE else {}
+                holders = lock_holders(fd)
+                os.close(fd)
+                if not holder.get("pid") and holders:
+                    holder = {"pid": holders[0]}
+                text = _describe_holder(holder)
+                if len(holders) > 1 or (holders and filename != LOCK_FILE):
+                    text = "pid %s" % ", ".join(str(p) for p in holders)
+                raise LockedError("another run %s %s (%s)%s" % (
+                    what, self.disk_dir, text, "; waited %g s" % wait if wait else ""),
+                    path=self.disk_dir, holder=holder, holders=holders)
 
     def _require_lock(self, what):
         if self._lock_fd is None:
@@ -774,18 +832,45 @@ class Repository:
 
     def mark_bad(self, name, bad=True, reason=None):
         """Flag a point that failed verification (nothing chains onto a bad point)."""
+        if bad:
+            self.mark_points(bad={name: reason})
+            return
         self._require_lock("marking a point bad")
         doc = copy.deepcopy(self._manifest_doc())
-        for point in doc["points"]:
-            if point["name"] == name:
-                point["bad"] = bool(bad)
-                if reason is not None:
-                    point.setdefault("extra", {})["bad_reason"] = reason
-                break
-        else:
-            raise NotFoundError("no point %r in %s" % (name, self.disk_dir), point=name)
+        point = _find(doc, name, self.disk_dir)
+        point["bad"] = False
+        if reason is not None:
+            point.setdefault("extra", {})["bad_reason"] = reason
         self._commit_manifest(doc)
         self._manifest = doc
+
+    def mark_points(self, bad=None, clear=None):
+        """One manifest write: ``bad`` {name: reason or None} marks points bad; ``clear``
+        {name: {ancestor: why}} records that a point reads none of the corrupt data of a bad
+        ancestor (``extra.clear_of``, see ``unsound``).  Under the exclusive lock, on the manifest
+        as it is on disk now (``lock()`` re-reads it), so a point published meanwhile is kept."""
+        self._require_lock("marking points")
+        doc = copy.deepcopy(self._manifest_doc())
+        for name, reason in (bad or {}).items():
+            point = _find(doc, name, self.disk_dir)
+            point["bad"] = True
+            if reason is not None:
+                point.setdefault("extra", {})["bad_reason"] = reason
+        for name, ancestors in (clear or {}).items():
+            point = _find(doc, name, self.disk_dir)
+            point.setdefault("extra", {}).setdefault("clear_of", {}).update(ancestors)
+        self._commit_manifest(doc)
+        self._manifest = doc
+
+    def unsound(self, name):
+        """(the bad point, why) when point ``name`` is unsafe to chain onto or to restore, else None."""
+        return unsound_point(self._manifest_doc()["points"], name)
+
+    def unsound_reason(self, name):
+        """None when point ``name`` is safe to chain onto and to restore, else why not, as the end of a
+        sentence about it: "is marked bad (...)" or "reads through point P2, which is marked bad (...)"."""
+        found = self.unsound(name)
+        return found[1] if found else None
 
     # -- writing a point -----------------------------------------------------------------------
     def begin_point(self, name, size, parent=None, create=True):
@@ -812,8 +897,9 @@ class Repository:
             backing = None
         else:
             base = self.get(parent)
-            if base.get("bad"):
-                raise ConflictError("point %s is marked bad: nothing may chain onto it" % parent, point=parent)
+            if self.unsound_reason(parent):
+                raise ConflictError("point %s %s: nothing may chain onto it" % (parent, self.unsound_reason(parent)),
+                                    point=parent)
             if base["segment"] != points[-1]["segment"]:
                 raise ConflictError("point %s belongs to an older segment than the latest point %s; start a new "
                                     "segment (no parent) instead" % (parent, points[-1]["name"]), point=parent)
@@ -978,6 +1064,45 @@ class Repository:
             pass
 
 
+def _find(doc, name, disk_dir):
+    for point in doc["points"]:
+        if point["name"] == name:
+            return point
+    raise NotFoundError("no point %r in %s" % (name, disk_dir), point=name)
+
+
+def bad_reason(point):
+    """The recorded reason a point is marked bad, or a phrase saying there is none."""
+    return (point.get("extra") or {}).get("bad_reason") or "no reason recorded"
+
+
+def unsound_point(points, name):
+    """(name of the bad point, why) when point ``name`` is unsafe to chain onto or to restore, else None.
+
+    ``points``: the manifest's points (a list, or a dict by name).  A point is unsound when it is
+    marked bad, or when an ancestor is marked bad and neither the point nor any point between it
+    and that ancestor records (``extra.clear_of``, written by chain_verify from the layers'
+    allocation) that it overwrites all of that ancestor's corrupt data.  A clearance holds for the
+    descendants too: they read that data only through the point that overwrote it.  Without one
+    (an old mark, a sampled verify, a broken file, a point published after the verify) every
+    descendant of a bad point is unsound.
+    """
+    by_name = points if isinstance(points, dict) else dict((p["name"], p) for p in points)
+    if name not in by_name:
+        raise NotFoundError("no point %r" % (name,), point=name)
+    current = by_name[name]
+    cleared = set()
+    while current is not None:
+        if current.get("bad") and current["name"] not in cleared:
+            if current["name"] == name:
+                return name, "is marked bad (%s)" % bad_reason(current)
+            return current["name"], "reads through point %s, which is marked bad (%s)" % (
+                current["name"], bad_reason(current))
+        cleared.update((current.get("extra") or {}).get("clear_of") or {})
+        current = by_name.get(current.get("parent"))
+    return None
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -989,6 +1114,28 @@ def _read_holder(fd):
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def lock_holders(fd):
+    """The pids holding a flock() on the file of ``fd``, from /proc/locks (Linux); [] when unknown."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    me = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    pids = []
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; blocked waiters have "->" after the number
+        if "->" in fields:
+            continue
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == me and fields[4].isdigit():
+            pid = int(fields[4])
+            if pid not in pids:
+                pids.append(pid)
+    return sorted(pids)
 
 
 def _describe_holder(holder):
