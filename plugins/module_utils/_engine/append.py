@@ -378,8 +378,8 @@ def choose_source_base(repo, size, force_full=False):
         return None, None, "force_full was set"
     if latest is None:
         return None, None, "first backup of this disk"
-    if latest.get("bad"):
-        return None, None, "the last point %s is marked bad" % latest["name"]
+    if repo.unsound_reason(latest["name"]):
+        return None, None, "the last point %s %s" % (latest["name"], repo.unsound_reason(latest["name"]))
     if latest["size"] != size:
         return None, None, "the source size changed from %d to %d bytes" % (latest["size"], size)
     try:
@@ -401,9 +401,9 @@ def choose_diff_base(repo, from_snap, force_full=False):
     if latest is None:
         raise ConflictError("the diff starts from snapshot %r but %s has no points yet: replay a full diff first"
                             % (from_snap, repo.disk_dir), from_snapshot=from_snap)
-    if latest.get("bad"):
-        raise ConflictError("the last point %s is marked bad: an incremental diff cannot be applied onto it; "
-                            "replay a full diff" % latest["name"], point=latest["name"])
+    if repo.unsound_reason(latest["name"]):
+        raise ConflictError("the last point %s %s: an incremental diff cannot be applied onto it; replay a full "
+                            "diff" % (latest["name"], repo.unsound_reason(latest["name"])), point=latest["name"])
     if latest.get("snapshot") != from_snap:
         raise ConflictError("the diff starts from snapshot %r but the latest point %s was taken from snapshot %r"
                             % (from_snap, latest["name"], latest.get("snapshot")),

@@ -163,8 +163,8 @@ def choose_base(repo, params, snaps, image_id):
         return None, "force_full was set"
     if latest is None:
         return None, "first backup of this disk"
-    if latest.get("bad"):
-        return None, "the last point %s is marked bad" % latest["name"]
+    if repo.unsound_reason(latest["name"]):
+        return None, "the last point %s %s" % (latest["name"], repo.unsound_reason(latest["name"]))
     base = latest.get("snapshot")
     src = latest.get("source") or {}
     if src.get("image_id") and src["image_id"] != image_id:
