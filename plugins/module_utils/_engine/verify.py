@@ -39,7 +39,7 @@ A point with a mismatch, or whose own files are broken (and every point that rea
 such a point), is marked bad in the manifest with the reason, unless in check mode or with
 ``mark_bad: false``; nothing ever chains onto a bad point.  Points are never unmarked.
 
-Tracing corrupt data (``_taint``), decided by the layers' allocation, not by the chain alone: for
+Tracing corrupt data (``Repository.trace_corrupt``), decided by the layers' allocation, not by the chain alone: for
 each corrupt block of a checked point X, the qcow2 reader tells which layer(s) serve it; every
 point of the segment that serves any part of that block from such a layer reads the same bytes and
 is marked bad too, naming the layer and X (this reaches the points newer than X that a targeted
@@ -958,7 +958,7 @@ def _marks(repo, report, write):
     points = repo.points()
     by_name = dict((p["name"], p) for p in points)
     stamp = utc_iso()
-    bad, clear = _taint(repo, report, points)
+    bad, clear = repo.trace_corrupt(report.traced)
     for name, reason in bad.items():
         report.flag(name, reason)
     marked, would, already, cleared = [], [], [], []
@@ -982,95 +982,6 @@ def _marks(repo, report, write):
     if write and (to_mark or to_clear):
         repo.mark_points(bad=to_mark, clear=to_clear)
     return marked, would, already, cleared
-
-
-def _taint(repo, report, points):
-    """({point: why it is bad}, {point: {bad point: why it reads none of its corrupt data}}) for the
-    corrupt blocks the data checks found (``report.traced``), decided by the layers' allocation.
-
-    For a point X with corrupt block b, the culprits are the layers that serve b in X's view (the
-    qcow2 reader tells which, top-most first; usually one, an older one when X only reads it).
-    Every point of X's segment that serves any part of b from a culprit layer reads the same bytes
-    there: it is bad, with the culprit and X named.  A descendant of X that serves every corrupt
-    block of X from its own newer layers is recorded as reading around X and its culprits
-    (``extra.clear_of``), but only when X was read in full with every mismatch kept; after a sampled
-    run a corrupt block may have gone unseen, so its descendants stay unsound (``unsound_point``)
-    without being marked.  A point whose layers cannot be mapped is treated as reading the
-    corrupt data."""
-    bad = collections.OrderedDict()
-    clear = collections.OrderedDict()
-    if not report.traced:
-        return bad, clear
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import reader as _reader
-
-    by_name = dict((p["name"], p) for p in points)
-    block_size = repo.block_size
-    maps = {}
-
-    def views(name, blocks):
-        """{block: set of point names (None: no layer) serving part of it} in point ``name``'s view."""
-        key = (name, tuple(blocks))
-        if key not in maps:
-            chain = [p["name"] for p in reversed(repo.chain(name))]  # top-most first, as PointMap.layers
-            try:
-                with _reader.PointMap.open(repo.path(by_name[name]["layer"])) as pmap:
-                    out = {}
-                    for index in blocks:
-                        offset, length = block_span(index, block_size, by_name[name]["size"])
-                        out[index] = set(chain[run[3]] if 0 <= run[3] < len(chain) else None
-                                         for run in pmap.resolve(offset, offset + length)) if length else set()
-                    maps[key] = out
-            except SnapchainError as exc:
-                maps[key] = exc.msg
-        return maps[key]
-
-    for name, traced in report.traced.items():
-        if name not in by_name or not traced["blocks"]:
-            continue
-        blocks = sorted(traced["blocks"])
-        own = views(name, blocks)
-        if isinstance(own, str):
-            continue  # X itself is bad already; with no map nothing can be cleared or traced
-        culprits = dict((b, own[b]) for b in blocks)
-        names = set().union(*culprits.values()) - {None}
-        lowest = min([by_name[n] for n in names] or [by_name[name]], key=lambda p: p["name"])["name"]
-        ancestors = [p["name"] for p in repo.chain(name)]
-        for other in points:
-            q = other["name"]
-            if q == name or other["segment"] != by_name[name]["segment"] or q < lowest:
-                continue
-            chain = [p["name"] for p in repo.chain(q)]
-            if q in ancestors:
-                if lowest not in chain:
-                    continue
-            elif name not in chain:
-                continue  # not a descendant: reads nothing of X
-            view = views(q, blocks)
-            descendant = q not in ancestors
-            if isinstance(view, str):
-                if descendant:
-                    bad[q] = ("reads through point %s, whose data is corrupt at offset %d, and which layer serves "
-                              "that offset cannot be told (%s)" % (name, blocks[0] * block_size, view))
-                continue
-            hit = next((b for b in blocks if view[b] & culprits[b]), None)
-            if hit is not None:
-                culprit = sorted(n for n in view[hit] & culprits[hit] if n is not None) or [name]
-                offset = hit * block_size
-                if culprit[0] == q:
-                    bad[q] = ("its layer holds corrupt data at offset %d (found verifying point %s, which reads "
-                              "it)" % (offset, name))
-                else:
-                    bad[q] = ("reads offset %d through the layer of point %s, which is corrupt there (found "
-                              "verifying point %s)" % (offset, culprit[0], name))
-            elif descendant and traced["complete"]:
-                why = ("its newer layers overwrite all %d corrupt block(s) of point %s (first at offset %d)"
-                       % (len(blocks), name, blocks[0] * block_size))
-                entry = clear.setdefault(q, {})
-                for culprit in sorted(names | {name}):
-                    entry.setdefault(culprit, why)
-    for name in bad:
-        clear.pop(name, None)
-    return bad, clear
 
 
 def _result(report, opts, marked, would, already, cleared, seconds, check_mode):
