@@ -948,10 +948,14 @@ def _mark(repo, report, opts, check_mode):
         with repo.lock(wait=opts["lock_wait"]):
             repo.load(verify=False)
             return _marks(repo, report, write=True)
-    except (LockedError, RepositoryError) as exc:
-        report.error("mark_bad", None, "cannot mark points bad in the manifest: %s" % exc.msg)
+    except (LockedError, RepositoryError, NotFoundError, OSError) as exc:
+        report.error("mark_bad", None, "cannot mark points bad in the manifest: %s"
+                     % (getattr(exc, "msg", None) or exc))
+    try:
         repo.load(verify=False)
         return _marks(repo, report, write=False)
+    except RepositoryError:
+        return [], [dict(point=name, reason=reason) for name, reason in report.bad.items()], [], []
 
 
 def _marks(repo, report, write):

@@ -202,3 +202,46 @@ def test_marks_keep_a_point_published_meanwhile(tmp_path):
     assert after.names() == [P1, P2, P3, P4]
     assert [p["name"] for p in after.points() if p["bad"]] == [P2, P3]
     assert after.get(P4)["parent"] == P3 and after.unsound(P4)[0] == P3
+
+
+# -- tracing corrupt blocks by the layers' allocation ------------------------------------------------
+
+BS = 65536
+
+
+def qemu_io(path, *commands):
+    argv = ["qemu-io", "-f", "qcow2"]
+    for command in commands:
+        argv += ["-c", command]
+    subprocess.run(argv + [str(path)], check=True, capture_output=True)
+
+
+@pytest.mark.skipif(shutil.which("qemu-io") is None, reason="needs qemu-io (qemu-utils)")
+def test_trace_corrupt_follows_the_allocation(tmp_path):
+    """P1 writes blocks 0-3, P2 blocks 1 and 2, P3 block 2 again, P4 nothing: which points read P2's data."""
+    repo = Repository(str(tmp_path / "disk"))
+    with repo.lock():
+        for name, parent, writes in ((P1, None, ["write -P 1 0 256k"]), (P2, P1, ["write -P 2 64k 128k"]),
+                                     (P3, P2, ["write -P 3 128k 64k"]), (P4, P3, [])):
+            pending = repo.begin_point(name, MiB, parent=parent)
+            for command in writes:
+                qemu_io(pending.path, command)
+            repo.publish(pending, {"snapshot": "snap-" + name})
+    # block 1 of P2 is corrupt: P3 and P4 read it through P2; P1 does not (P2 wrote it)
+    bad, clear = repo.trace_corrupt({P2: dict(blocks={1}, complete=True)})
+    assert sorted(bad) == [P3, P4] and clear == {}
+    assert bad[P4] == ("reads offset %d through the layer of point %s, which is corrupt there (found verifying "
+                       "point %s)" % (BS, P2, P2))
+    # block 2 of P2: P3 rewrote it, so P3 and P4 read none of it
+    bad, clear = repo.trace_corrupt({P2: dict(blocks={2}, complete=True)})
+    assert bad == {} and sorted(clear) == [P3, P4] and list(clear[P4]) == [P2]
+    assert "overwrite all 1 corrupt block(s) of point %s (first at offset %d)" % (P2, 2 * BS) in clear[P3][P2]
+    # ... unless P2 was only sampled: then nothing is cleared
+    assert repo.trace_corrupt({P2: dict(blocks={2}, complete=False)}) == ({}, {})
+    # found in P4, which reads block 1 from P2: P2 (whose layer holds it) and P3 are bad, P1 is not
+    bad, clear = repo.trace_corrupt({P4: dict(blocks={1}, complete=True)})
+    assert sorted(bad) == [P2, P3] and clear == {}
+    assert bad[P2] == "its layer holds corrupt data at offset %d (found verifying point %s, which reads it)" % (BS, P4)
+    # found in P4 at block 3, which only P1 wrote: every point reads it from P1
+    bad, _clear = repo.trace_corrupt({P4: dict(blocks={3}, complete=True)})
+    assert sorted(bad) == [P1, P2, P3]
