@@ -708,6 +708,8 @@ def test_a_backup_during_a_verify_succeeds(lab, big, tmp_path):
         b, b_start, b_end = big_backup(lab, big, chain, tmp_path.name[-20:])
     finally:
         r = finish_verify(proc)
+    print("\nverify reading (paused) at +0.00 s; backup %+.2f .. %+.2f s; verify ended %+.2f s (ran %.2f s)" % (
+        b_start - proc.reading_at, b_end - proc.reading_at, r["ended_at"] - proc.reading_at, r["seconds"]))
     assert proc.reading_at < b_start < b_end < r["ended_at"]  # the backup ran while the verify read
     assert not b["full"] and b["point"]["parent"] == p1
     assert r["_rc"] == 0 and not r.get("failed") and r["msg"].endswith(": clean"), r
