@@ -23,8 +23,13 @@ description:
   - A point with a mismatch or a broken file, and every point reading through such a point, is marked bad
     in the manifest with the reason (unless in check mode or O(mark_bad=false)). No backup ever chains onto
     a bad point; the next backup of the disk is a full one.
-  - The repository lock is held for the whole run; if a backup is running on the disk the module fails at
-    once, saying it is locked.
+  - Corrupt data is traced through the chain by the layers' allocation, whatever O(points) selects; every
+    point that reads a corrupt block (newer points reading it through the layer, or the older point whose
+    layer holds it) is marked bad, naming that layer. A newer point whose own layers overwrite every corrupt
+    block stays good, and the manifest records why (only after a full read, not a sample).
+  - Runs under the repository's shared lock, so a backup of the disk runs and publishes meanwhile. The
+    exclusive lock is taken only to write the marks, on the manifest as it is then (a point published
+    during the verify is kept); it waits up to O(lock_wait) seconds for a backup holding it, then reports an error.
   - The module fails when anything mismatches or is broken; RV(msg) names the culprits and the full
     details stay in the result.
 author:
@@ -104,6 +109,12 @@ options:
     description: At most this many mismatching blocks are listed in RV(mismatches) (all are counted).
     type: int
     default: 100
+  lock_wait:
+    description:
+      - Seconds to wait for the repository's exclusive lock when points must be marked bad, while a backup of
+        the disk holds it (0 to 86400). After that the marks are not written; the run fails naming the holder.
+    type: int
+    default: 300
 notes:
   - Runs on the host that holds the repository. Needs qemu-img, qemu-nbd and python3-libnbd there, and
     python3-rbd with O(compare_source).
@@ -245,6 +256,14 @@ already_bad:
   returned: success or verification failure
   type: list
   elements: dict
+reads_around_bad:
+  description:
+    - Newer points of a bad point that read none of its corrupt data (their own layers overwrite every
+      corrupt block), with C(point), C(reads_around) (the bad points) and C(reason). Recorded in the manifest
+      (not in check mode), they stay usable for restores and as the base of the next backup.
+  returned: success or verification failure
+  type: list
+  elements: dict
 """
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
@@ -270,6 +289,7 @@ def main():
             nbd_cache=dict(type="str", choices=["none", "writeback", "writethrough", "directsync", "unsafe"],
                            default="none"),
             max_mismatches=dict(type="int", default=100),
+            lock_wait=dict(type="int", default=300),
         ),
         supports_check_mode=True,
     )

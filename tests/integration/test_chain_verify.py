@@ -11,6 +11,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -371,7 +372,7 @@ def test_marked_bad_point_makes_the_next_backup_full(lab, tmp_path):
             scribble(img, rng, 20, limit=2 * MiB)
             third = backup(lab, image, chain)
         assert third["full"], third
-        assert third["full_reason"] == "the last point %s is marked bad" % second["point"]["name"]
+        assert third["full_reason"].startswith("the last point %s is marked bad (chain_verify " % second["point"]["name"])
         assert third["point"]["parent"] is None and third["point"]["segment"] == 2
         verify(args)  # the new full point is clean
         r = verify(args, points="all", expect_failed=True)
@@ -380,17 +381,26 @@ def test_marked_bad_point_makes_the_next_backup_full(lab, tmp_path):
         remove_image(lab, image)
 
 
-def test_concurrent_backup_means_locked(args):
+def test_a_writer_holding_the_lock_does_not_stop_a_verify(args):
+    """A backup holds the exclusive lock: the verify reads anyway (shared lock); marking waits for the
+    lock up to lock_wait, then fails naming the holder, and writes nothing."""
     before = manifest(args["chain"])
-    holder = subprocess.Popen(["python3", "-c", "import fcntl,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR);"
-                               "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+    holder = subprocess.Popen(["python3", "-c", "import fcntl,json,os,sys,time; fd=os.open(sys.argv[1], os.O_RDWR);"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'pid': os.getpid()}).encode());"
+                               "print('locked', flush=True); time.sleep(60)",
                                os.path.join(args["chain"], ".lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        r = verify(args, points="all")
+        assert r["msg"].endswith(": clean")
+        offset = corrupt_data_cluster(layer(args["chain"], names(args["chain"])[-1]))
         started = time.monotonic()
-        r = verify(args, expect_failed=True)
-        assert time.monotonic() - started < 20
-        assert r["locked"] and "it is locked" in r["msg"] and "nothing was verified" in r["msg"]
+        r = verify(args, lock_wait=2, expect_failed=True)
+        assert 2 <= time.monotonic() - started < 30
+        assert r["mismatches"][0]["offset"] == offset and r["marked_bad"] == []
+        assert [m["point"] for m in r["would_mark_bad"]] == names(args["chain"])[-1:]
+        assert "cannot mark points bad in the manifest: another run holds %s (pid %d" % (
+            args["chain"], holder.pid) in r["msg"] and "waited 2 s" in r["msg"]
     finally:
         holder.kill()
         holder.wait()
@@ -402,6 +412,7 @@ def test_concurrent_backup_means_locked(args):
     (dict(points="newest"), "points must be 'latest', 'all' or a list"),
     (dict(sample_percent=0), "sample_percent must be above 0"),
     (dict(parallel=0), "parallel must be between 1 and 64"),
+    (dict(lock_wait=-1), "lock_wait must be a number of seconds between 0 and 86400"),
     (dict(drill=True, scratch_dir="/nonexistent"), "scratch_dir /nonexistent"),
     (dict(compare_source=True, ceph_client="client.backup"), "without the 'client.' prefix"),
 ])
@@ -511,3 +522,228 @@ def test_grow_from_an_odd_size_verifies_clean(lab, tmp_path):
         assert [p["segment"] for p in manifest(chain)["points"]] == [1] * 5  # one chain: no full was forced
     finally:
         remove_image(lab, image)
+
+
+# -- corrupt data is traced through the chain (issue 10, defect 1) ---------------------------------
+
+A = 1 * MiB  # P2 writes this block and P3 reads it through P2
+B = 2 * MiB  # P2 writes this block and P3 writes it again
+
+
+@pytest.fixture(scope="module")
+def overwritten(lab, tmp_path_factory):
+    """P1 <- P2 <- P3 of a 16 MiB image: P2 writes the blocks at A and B, P3 rewrites B (not A)."""
+    rng = random.Random(1010)
+    image = "verify-taint-" + uuid.uuid4().hex[:8]
+    chain = str(tmp_path_factory.mktemp("taint") / "chain")
+    with pool_ioctx(lab) as ioctx:
+        rbd.RBD().create(ioctx, image, 16 * MiB)
+        with rbd.Image(ioctx, image) as img:
+            img.write(rng.randbytes(4 * MiB), 0)
+            img.create_snap("s1")
+            backup(lab, image, chain, snapshot="s1")
+            time.sleep(1)
+            img.write(rng.randbytes(BS), A)
+            img.write(rng.randbytes(BS), B)
+            img.create_snap("s2")
+            backup(lab, image, chain, snapshot="s2")
+            time.sleep(1)
+            img.write(rng.randbytes(BS), B)
+            img.write(rng.randbytes(BS), 3 * MiB)
+            img.create_snap("s3")
+            backup(lab, image, chain, snapshot="s3")
+    assert len(names(chain)) == 3
+    yield dict(image=image, chain=chain)
+    remove_image(lab, image)
+
+
+def taint_copy(lab, overwritten, tmp_path, offset):
+    """A copy of the chain with bytes flipped in P2's layer, inside the cluster of guest ``offset``."""
+    chain = str(tmp_path / "chain")
+    shutil.copytree(overwritten["chain"], chain)
+    p2 = names(chain)[1]
+    guest, host, _length = [c for c in data_clusters(layer(chain, p2)) if c[0] <= offset < c[0] + c[2]][0]
+    flip(layer(chain, p2), host + offset - guest + 100)
+    return chain, dict(chain=chain, ceph_conf=lab.ceph_conf, ceph_client=lab.backup_client,
+                       keyring=lab.backup_keyring)
+
+
+def restore_plan(args, tmp_path):
+    return module_runner.run("qcow2_chain_restore", dict(args, file=str(tmp_path / "out.raw")), check_mode=True)
+
+
+@pytest.mark.parametrize("verified", [1, 2], ids=["verify-P2", "verify-P3"])
+def test_points_reading_a_corrupt_cluster_are_bad(lab, overwritten, tmp_path, verified):
+    """A cluster P2 wrote, corrupt on disk, read by P3 through P2: a targeted verify of either point marks
+    both bad, naming the layer; restore skips them and the next backup is a full one, both saying why."""
+    chain, args = taint_copy(lab, overwritten, tmp_path, A)
+    p1, p2, p3 = names(chain)
+    target = names(chain)[verified]
+    r = verify(args, points=[target], expect_failed=True)
+    assert r["points_checked"] == [target] and [(m["point"], m["offset"]) for m in r["mismatches"]] == [(target, A)]
+    assert [m["point"] for m in r["marked_bad"]] == [target, p3 if target == p2 else p2]
+    bad = bad_points(chain)
+    assert set(bad) == {p2, p3} and r["reads_around_bad"] == []
+    if target == p2:
+        assert bad[p3].endswith("reads offset %d through the layer of point %s, which is corrupt there (found "
+                                "verifying point %s)" % (A, p2, p2))
+    else:
+        assert bad[p2].endswith("its layer holds corrupt data at offset %d (found verifying point %s, which reads "
+                                "it)" % (A, p3))
+    plan = restore_plan(args, tmp_path)
+    assert plan["point"] == p1
+    assert plan["skipped_points"][0].startswith("%s (marked bad, reason: chain_verify " % p3)
+    with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, overwritten["image"]) as img:
+        img.create_snap("t-" + tmp_path.name[-20:])
+    nxt = backup(lab, overwritten["image"], chain, snapshot="t-" + tmp_path.name[-20:])
+    assert nxt["full"] and nxt["full_reason"].startswith("the last point %s is marked bad (chain_verify " % p3)
+    assert nxt["full_reason"].endswith(bad[p3] + ")") and nxt["point"]["parent"] is None
+
+
+def test_a_point_that_overwrote_the_corrupt_cluster_stays_good(lab, overwritten, tmp_path):
+    """The corrupt cluster of P2 is one P3 rewrote: P3 reads none of it, stays good (the manifest says why),
+    is restored and is the base of the next backup."""
+    chain, args = taint_copy(lab, overwritten, tmp_path, B)
+    p1, p2, p3 = names(chain)
+    r = verify(args, points=[p2], expect_failed=True)
+    assert [(m["point"], m["offset"]) for m in r["mismatches"]] == [(p2, B)]
+    assert list(bad_points(chain)) == [p2] and [m["point"] for m in r["marked_bad"]] == [p2]
+    assert [(c["point"], c["reads_around"]) for c in r["reads_around_bad"]] == [(p3, [p2])]
+    why = manifest(chain)["points"][2]["extra"]["clear_of"][p2]
+    assert "its newer layers overwrite all 1 corrupt block(s) of point %s (first at offset %d)" % (p2, B) in why
+    assert Repository(chain).unsound_reason(p3) is None
+    assert verify(args, points=[p3])["msg"].endswith(": clean")  # and it really reads right
+    plan = restore_plan(args, tmp_path)
+    assert plan["point"] == p3 and plan["skipped_points"] == []
+    snap = "t-" + tmp_path.name[-20:]
+    with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, overwritten["image"]) as img:
+        img.create_snap(snap)
+    nxt = backup(lab, overwritten["image"], chain, snapshot=snap)
+    assert not nxt["full"] and nxt["point"]["parent"] == p3
+    # a sampled run proves nothing about the blocks it did not read: nothing is cleared then
+    chain2, args2 = taint_copy(lab, overwritten, tmp_path / "sampled", B)
+    seed = next(s for s in range(1000) if B // BS in _verify.sampled_blocks(
+        0, 256, 256, _verify.percent_to_ppm(50), _verify.point_seed(s, p2)))
+    r = verify(args2, points=[p2], sample_percent=50, seed=seed, expect_failed=True)
+    assert [m["point"] for m in r["marked_bad"]] == [p2] and r["reads_around_bad"] == []
+    assert Repository(chain2).unsound(p3)[0] == p2
+
+
+# -- a verify reads under the shared lock (issue 10, defect 7) -------------------------------------
+
+BIG = 72 * MiB
+
+
+@pytest.fixture(scope="module")
+def big(lab, tmp_path_factory):
+    """A 72 MiB image, 64 MiB of it random, and its chain of one full point (snapshot b1)."""
+    rng = random.Random(64)
+    image = "verify-big-" + uuid.uuid4().hex[:8]
+    chain = str(tmp_path_factory.mktemp("big") / "chain")
+    with pool_ioctx(lab) as ioctx:
+        rbd.RBD().create(ioctx, image, BIG)
+        with rbd.Image(ioctx, image) as img:
+            for n in range(16):
+                img.write(rng.randbytes(4 * MiB), n * 4 * MiB)
+            img.create_snap("b1")
+    backup(lab, image, chain, snapshot="b1")
+    yield dict(image=image, chain=chain)
+    remove_image(lab, image)
+
+
+def child_named(pid, comm):
+    """The pid of a child process of ``pid`` whose command is ``comm``, or None."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            with open("/proc/%s/comm" % entry) as fh:
+                name = fh.read().strip()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and name == comm:
+            return int(entry)
+    return None
+
+
+def start_verify_paused(args, **extra):
+    """A chain_verify process, SIGSTOPped once it reads (its qemu-nbd runs): it holds the shared lock."""
+    proc = module_runner.start("chain_verify", dict(args, **extra))
+    deadline = time.monotonic() + 300
+    while child_named(proc.pid, "qemu-nbd") is None:
+        assert proc.poll() is None, "chain_verify ended before reading: %s" % (proc.stderr.read(),)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGSTOP)
+    proc.reading_at = time.time()
+    return proc
+
+
+def finish_verify(proc):
+    os.kill(proc.pid, signal.SIGCONT)
+    result = module_runner.finish(proc, timeout=600)
+    result["ended_at"] = time.time()
+    return result
+
+
+def big_backup(lab, big, chain, tag):
+    snap = "c-" + tag
+    with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, big["image"]) as img:
+        img.write(random.Random(tag).randbytes(BS), 66 * MiB)  # outside the block the tests corrupt
+        img.create_snap(snap)
+    started = time.time()
+    result = backup(lab, big["image"], chain, snapshot=snap)
+    return result, started, time.time()
+
+
+def test_a_backup_during_a_verify_succeeds(lab, big, tmp_path):
+    chain = str(tmp_path / "chain")
+    shutil.copytree(big["chain"], chain)
+    args = dict(chain=chain)
+    p1 = names(chain)[0]
+    proc = start_verify_paused(args, parallel=1)
+    try:
+        b, b_start, b_end = big_backup(lab, big, chain, tmp_path.name[-20:])
+    finally:
+        r = finish_verify(proc)
+    print("\nverify reading (paused) at +0.00 s; backup %+.2f .. %+.2f s; verify ended %+.2f s (ran %.2f s)" % (
+        b_start - proc.reading_at, b_end - proc.reading_at, r["ended_at"] - proc.reading_at, r["seconds"]))
+    assert proc.reading_at < b_start < b_end < r["ended_at"]  # the backup ran while the verify read
+    assert not b["full"] and b["point"]["parent"] == p1
+    assert r["_rc"] == 0 and not r.get("failed") and r["msg"].endswith(": clean"), r
+    assert r["points_checked"] == [p1] and r["blocks_checked"] == BIG // BS
+    assert names(chain) == [p1, b["point"]["name"]] and bad_points(chain) == {}
+    assert verify(args, points="all")["msg"].endswith(": clean")
+
+
+def test_two_verifies_marking_and_a_backup_publishing_keep_every_point(lab, big, tmp_path):
+    """Both verifies find a corrupt block in P1 while a backup chains P2 onto P1: the marks are written
+    on the manifest as it is then, so P2 is kept, and marked too, as it reads that block through P1."""
+    chain = str(tmp_path / "chain")
+    shutil.copytree(big["chain"], chain)
+    args = dict(chain=chain)
+    p1 = names(chain)[0]
+    offset = corrupt_data_cluster(layer(chain, p1))
+    first = start_verify_paused(args, parallel=1)
+    second = start_verify_paused(args, parallel=1)
+    try:
+        b, b_start, b_end = big_backup(lab, big, chain, tmp_path.name[-20:])
+    finally:
+        r1 = finish_verify(first)
+        r2 = finish_verify(second)
+    assert max(first.reading_at, second.reading_at) < b_start < b_end < min(r1["ended_at"], r2["ended_at"])
+    p2 = b["point"]["name"]
+    assert not b["full"] and b["point"]["parent"] == p1
+    for r in (r1, r2):
+        assert r["failed"] and [(m["point"], m["offset"]) for m in r["mismatches"]] == [(p1, offset)], r
+    marked = [m["point"] for r in (r1, r2) for m in r["marked_bad"]]
+    already = [m["point"] for r in (r1, r2) for m in r["already_bad"]]
+    assert sorted(marked) == sorted([p1, p2]) and sorted(already) == sorted([p1, p2])
+    assert names(chain) == [p1, p2]
+    bad = bad_points(chain)
+    assert set(bad) == {p1, p2}
+    assert bad[p2].endswith("reads offset %d through the layer of point %s, which is corrupt there (found "
+                            "verifying point %s)" % (offset, p1, p1))
+    Repository(chain).load(verify=True)  # the manifest is whole and matches the files

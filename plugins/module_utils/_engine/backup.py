@@ -67,7 +67,7 @@ def backup(repo, source, force_full=False, point_name=None, writer="direct", par
         repo.load()
         result["cleaned_partial"] = repo.cleanup_partial()
         result["cleaned_orphans"] = clean_killed_run(repo, source, result["warnings"])
-        done = source.refuse(repo.latest())
+        done = source.refuse(repo)
         if done is not None:
             return _already(result, done)
         check_point_name_option(repo, point_name)
@@ -102,7 +102,7 @@ def backup(repo, source, force_full=False, point_name=None, writer="direct", par
 
 
 def _plan(repo, source, force_full, point_name, result):
-    done = source.refuse(repo.latest())
+    done = source.refuse(repo)
     if done is not None:
         return _already(result, done)
     check_point_name_option(repo, point_name)

@@ -156,13 +156,13 @@ def describe_points(points, limit=20):
 
 
 def _bad_in_chain(point, by_name):
-    """The name of the point itself or of an ancestor marked bad, or None."""
-    current = point
-    while current is not None:
-        if current.get("bad"):
-            return current["name"]
-        current = by_name.get(current.get("parent"))
-    return None
+    """(the point marked bad that makes ``point`` unsafe: itself or an ancestor it reads through, why),
+    or None.  The repository's one rule (``unsound_point``): an ancestor's bad mark does not count
+    when chain_verify recorded that the point reads none of that ancestor's corrupt data."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import unsound_point
+
+    return unsound_point(by_name, point["name"])
+
 
 
 def select_point(points, point=None, before=None, allow_bad=False):
@@ -170,8 +170,8 @@ def select_point(points, point=None, before=None, allow_bad=False):
 
     ``point``: a name, or None / ``latest``.  ``before``: an aware datetime; the newest
     point at or before it.  A point that is marked bad, or reads through a layer of a
-    point marked bad, is refused by name and skipped by ``latest``/``before``, unless
-    ``allow_bad``.
+    point marked bad (and is not recorded as reading around its corrupt data), is refused
+    by name and skipped by ``latest``/``before``, unless ``allow_bad``.
     """
     if not points:
         raise NotFoundError("the repository has no points yet")
@@ -190,12 +190,11 @@ def select_point(points, point=None, before=None, allow_bad=False):
             raise NotFoundError("no point %r%s; %s" % (point, hint, available), point=point,
                                 available_points=[p["name"] for p in points])
         chosen = by_name[point]
-        bad = _bad_in_chain(chosen, by_name)
-        if bad and not allow_bad:
-            raise ConflictError("point %s %s marked bad (%s); set allow_bad: true to restore it anyway, or choose "
-                                "another; %s" % (point, "is" if bad == point else "reads through point %s, which is"
-                                                 % bad, _bad_reason(by_name[bad]), available),
-                                point=point, bad_point=bad, available_points=[p["name"] for p in points])
+        found = _bad_in_chain(chosen, by_name)
+        if found and not allow_bad:
+            raise ConflictError("point %s %s; set allow_bad: true to restore it anyway, or choose another; %s"
+                                % (point, found[1], available),
+                                point=point, bad_point=found[0], available_points=[p["name"] for p in points])
         return chosen, []
     candidates = points
     if before is not None:
@@ -206,10 +205,11 @@ def select_point(points, point=None, before=None, allow_bad=False):
                                 available_points=[p["name"] for p in points])
     skipped = []
     for candidate in reversed(candidates):
-        bad = _bad_in_chain(candidate, by_name)
-        if bad and not allow_bad:
-            skipped.append("%s (%s)" % (candidate["name"], "marked bad" if bad == candidate["name"]
-                                        else "reads through bad point %s" % bad))
+        found = _bad_in_chain(candidate, by_name)
+        if found and not allow_bad:
+            skipped.append("%s (%s, %s)" % (candidate["name"], "marked bad" if found[0] == candidate["name"]
+                                             else "reads through bad point %s" % found[0],
+                                             _bad_reason(by_name[found[0]])))
             continue
         return candidate, skipped
     raise ConflictError("every point%s is marked bad or reads through a bad point: %s; set allow_bad: true to "

@@ -5,7 +5,11 @@
 
 PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
-Under the repository lock (a backup running at the same time makes this fail at once):
+Under the repository's SHARED lock (``Repository.lock(shared=True)``): a backup of the disk runs
+and publishes meanwhile (it only adds a layer and renames a new manifest into place; the layers are
+read here with QEMU's shared read locks, as a restore does), other verifies too; only a run that
+removes or rewrites published layers is excluded.  The exclusive lock is taken only for the moment
+the marks are written (below).  The checks:
 
 structure
     The manifest loads and is consistent (``Repository.load``); for every point its
@@ -34,6 +38,20 @@ drill
 A point with a mismatch, or whose own files are broken (and every point that reads through
 such a point), is marked bad in the manifest with the reason, unless in check mode or with
 ``mark_bad: false``; nothing ever chains onto a bad point.  Points are never unmarked.
+
+Tracing corrupt data (``Repository.trace_corrupt``), decided by the layers' allocation, not by the chain alone: for
+each corrupt block of a checked point X, the qcow2 reader tells which layer(s) serve it; every
+point of the segment that serves any part of that block from such a layer reads the same bytes and
+is marked bad too, naming the layer and X (this reaches the points newer than X that a targeted
+run did not read, and the older point whose layer holds the bytes).  A newer point whose own layers
+overwrite every corrupt block is not bad: the manifest records it (``extra.clear_of``), but only
+when X was read in full with every mismatch kept; after a sampled run an unseen corrupt block may
+remain, so the points above stay unsound without being marked.  ``Repository.unsound_reason`` is
+the one rule that backups (choice of base) and restores (choice of point) apply to these marks.
+
+Marking: one manifest write under the exclusive lock (waiting up to ``lock_wait`` s for a backup
+that holds it), on the manifest re-read under that lock, with the tracing re-done on it, so a point
+a backup published during the verify is kept and, if it reads the corrupt data, marked.
 
 Sampling: blocks are cut into strata of ``100 / sample_percent`` blocks and one block is taken
 in each, at a position given by a 64-bit hash (splitmix64) of the seed, the point's name and
@@ -68,6 +86,8 @@ PPM = 1000000  # sample_percent is kept in parts per million
 MAX_PARALLEL = 64
 DEFAULT_UNIT = 4 << 20
 DEFAULT_MAX_MISMATCHES = 100
+MARK_LOCK_WAIT = 300  # seconds marking points bad waits for a backup holding the exclusive lock (lock_wait)
+MAX_LOCK_WAIT = 86400
 POINT_SELECTORS = ("latest", "all")
 _MASK64 = (1 << 64) - 1
 
@@ -408,6 +428,8 @@ class Report:
         self.source = dict(compared=False)
         self.drills = []
         self.missing = set()      # points whose layer file is missing
+        self.full = True          # every block is read (no sample): a clean part of a point is proven clean
+        self.traced = collections.OrderedDict()  # name -> {"blocks": set of corrupt block indexes, "complete"}
 
     def problem(self, point, path, text, mark=True):
         self.problems.append(dict(point=point, file=os.path.basename(path) if path else None, problem=text))
@@ -423,6 +445,11 @@ class Report:
     def add_mismatches(self, name, check, result, block_size, size, owners=None):
         if not result.mismatch_count:
             return
+        kept = result.mismatches()
+        traced = self.traced.setdefault(name, dict(blocks=set(), complete=self.full))
+        traced["blocks"].update(index for index, _e, _a in kept)
+        if result.mismatch_count > len(kept):
+            traced["complete"] = False  # more than max_mismatches: not every corrupt block is known
         self.mismatch_count += result.mismatch_count
         room = max(0, self.max_mismatches - len(self.mismatches))
         first = None
@@ -482,10 +509,14 @@ def check_params(params):
     limit = DEFAULT_MAX_MISMATCHES if limit is None else limit
     if limit < 1:
         raise InputError("max_mismatches must be >= 1")
+    lock_wait = MARK_LOCK_WAIT if params.get("lock_wait") is None else params["lock_wait"]
+    if isinstance(lock_wait, bool) or not isinstance(lock_wait, int) or not 0 <= lock_wait <= MAX_LOCK_WAIT:
+        raise InputError("lock_wait must be a number of seconds between 0 and %d, not %r" % (MAX_LOCK_WAIT, lock_wait))
     scratch = params.get("scratch_dir") or "/var/tmp"
     if params.get("drill") and not os.path.isdir(scratch):
         raise InputError("scratch_dir %s (for the restore drill) is not a directory" % scratch)
     return dict(chain=chain, points=points, ppm=ppm, seed=seed, parallel=parallel, cache=cache, limit=limit,
+                lock_wait=lock_wait,
                 scratch_dir=scratch, drill=bool(params.get("drill")),
                 compare_source=bool(params.get("compare_source")),
                 mark_bad=params.get("mark_bad", True) is not False)
@@ -521,14 +552,15 @@ def verify(params, check_mode=False):
     started = time.monotonic()
     repo = Repository(opts["chain"])
     try:
-        with repo.lock():
+        with repo.lock(shared=True):
             report = Report(repo, opts["limit"])
+            report.full = opts["ppm"] >= PPM
             _run_checks(repo, report, opts, params, _nbd)
-            marked, would, already = _mark(repo, report, opts, check_mode)
+            marked, would, already, cleared = _mark(repo, report, opts, check_mode)
     except LockedError as exc:
         raise LockedError("cannot verify %s: it is locked, %s; nothing was verified" % (opts["chain"], exc.msg),
                           locked=True, **exc.details)
-    return _result(report, opts, marked, would, already, time.monotonic() - started, check_mode)
+    return _result(report, opts, marked, would, already, cleared, time.monotonic() - started, check_mode)
 
 
 def _run_checks(repo, report, opts, params, _nbd):
@@ -613,10 +645,11 @@ def _check_structure(repo, report):
     _propagate(report, points)
     for entry in repo.orphans():
         report.warnings.append("%s is in the directory but no point of the manifest refers to it (left by an "
-                               "interrupted run?)" % entry)
+                               "interrupted run, or a backup publishing now?)" % entry)
     for entry in sorted(os.listdir(repo.disk_dir)):
         if entry.startswith(".") and entry.endswith(PARTIAL_SUFFIX):
-            report.warnings.append("%s is a partial file of an interrupted run (the next backup removes it)" % entry)
+            report.warnings.append("%s is a partial file of an interrupted run or of a backup running now (the next "
+                               "backup removes a left-over one)" % entry)
     return True
 
 
@@ -890,36 +923,60 @@ def _source_mismatch(img, src, snapshot, _rbd):
 
 
 def _mark(repo, report, opts, check_mode):
-    marked, would, already = [], [], []
+    """([marked], [would mark], [already bad], [cleared]): the points with a problem, and those that
+    read through corrupt data found in another point, marked bad in ONE manifest write, under the
+    exclusive lock (waiting up to ``lock_wait`` s for a backup to publish), on the manifest as it
+    is then: a point published during the verify is kept, and traced too."""
     if not report.bad:
-        return marked, would, already
+        return [], [], [], []
+    if check_mode or not opts["mark_bad"]:
+        repo.load(verify=False)
+        return _marks(repo, report, write=False)
     try:
-        points = dict((p["name"], p) for p in repo.points())
+        with repo.lock(wait=opts["lock_wait"]):
+            repo.load(verify=False)
+            return _marks(repo, report, write=True)
+    except (LockedError, RepositoryError, NotFoundError, OSError) as exc:
+        report.error("mark_bad", None, "cannot mark points bad in the manifest: %s"
+                     % (getattr(exc, "msg", None) or exc))
+    try:
+        repo.load(verify=False)
+        return _marks(repo, report, write=False)
     except RepositoryError:
-        return marked, would, already
+        return [], [dict(point=name, reason=reason) for name, reason in report.bad.items()], [], []
+
+
+def _marks(repo, report, write):
+    points = repo.points()
+    by_name = dict((p["name"], p) for p in points)
     stamp = utc_iso()
+    bad, clear = repo.trace_corrupt(report.traced)
+    for name, reason in bad.items():
+        report.flag(name, reason)
+    marked, would, already, cleared = [], [], [], []
+    to_mark = collections.OrderedDict()
     for name, reason in report.bad.items():
-        if name not in points:
+        if name not in by_name:
             continue
-        if points[name].get("bad"):
-            already.append(dict(point=name, reason=(points[name].get("extra") or {}).get("bad_reason")))
+        if by_name[name].get("bad"):
+            already.append(dict(point=name, reason=(by_name[name].get("extra") or {}).get("bad_reason")))
             continue
         entry = dict(point=name, reason="chain_verify %s: %s" % (stamp, reason))
-        if check_mode or not opts["mark_bad"]:
-            would.append(entry)
+        to_mark[name] = entry["reason"]
+        (marked if write else would).append(entry)
+    to_clear = collections.OrderedDict()
+    for name, ancestors in clear.items():
+        if name in report.bad or by_name[name].get("bad"):
             continue
-        try:
-            repo.mark_bad(name, reason=entry["reason"])
-        except (RepositoryError, NotFoundError, OSError) as exc:
-            report.error("mark_bad", name, "cannot mark point %s bad in the manifest: %s"
-                         % (name, getattr(exc, "msg", None) or exc))
-            would.append(entry)
-            continue
-        marked.append(entry)
-    return marked, would, already
+        to_clear[name] = dict((a, "chain_verify %s: %s" % (stamp, why)) for a, why in ancestors.items())
+        cleared.append(dict(point=name, reads_around=sorted(ancestors), reason=", ".join(
+            "%s: %s" % (a, why) for a, why in sorted(ancestors.items()))))
+    if write and (to_mark or to_clear):
+        repo.mark_points(bad=to_mark, clear=to_clear)
+    return marked, would, already, cleared
 
 
-def _result(report, opts, marked, would, already, seconds, check_mode):
+def _result(report, opts, marked, would, already, cleared, seconds, check_mode):
     checked = [p for p in report.points.values() if p.get("checked")]
     blocks = sum(p["blocks"] for p in checked)
     bytes_read = sum(p["bytes_read"] for p in checked)
@@ -949,6 +1006,7 @@ def _result(report, opts, marked, would, already, seconds, check_mode):
         marked_bad=marked,
         would_mark_bad=would,
         already_bad=already,
+        reads_around_bad=cleared,
     )
     result["msg"] = summary(result)
     return result

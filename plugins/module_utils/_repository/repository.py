@@ -10,7 +10,10 @@ One directory per disk::
     manifest.json              {"format": 1, "block_size": 65536, "points": [...]}, oldest first
     <name>.qcow2               one layer per point; backing file = the parent's layer (relative name)
     <name>.digests             per-block digests of the blocks that layer wrote (optional)
-    .lock                      flock()ed for the duration of any write; holds "pid, host, since"
+    .lock                      flock()ed exclusively by a run that writes (backup, append, marking bad);
+                               holds "pid, host, since"
+    .read.lock                 flock()ed shared by a run that only reads points (chain_verify);
+                               exclusively by a run that removes or rewrites published layers
     .intent-<kind>.json        what the running backup of a <kind> source creates (snapshot, point);
                                a killed run's is cleaned by the next run (``_engine/backup.py``)
     .<file>.partial            work in progress; never read, removed by cleanup_partial()
@@ -43,6 +46,7 @@ import socket
 import stat
 import struct
 import sys
+import time
 from array import array
 
 try:
@@ -62,6 +66,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming im
 MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 INTENT_PREFIX = ".intent-"  # + the source kind + ".json"
+READ_LOCK_FILE = ".read.lock"
 LAYER_SUFFIX = ".qcow2"
 DIGESTS_SUFFIX = ".digests"
 PARTIAL_SUFFIX = ".partial"
@@ -471,6 +476,7 @@ class Repository:
         self._manifest = None
         self._lock_fd = None
         self._warnings = []
+        self._read_fd = None
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, filename):
@@ -517,46 +523,98 @@ class Repository:
         return self._lock_fd is not None
 
     @contextlib.contextmanager
-    def lock(self):
-        """Hold ``<disk_dir>/.lock`` exclusively, or fail at once with LockedError.
+    def lock(self, shared=False, wait=0, exclude_readers=False):
+        """Hold the repository lock in one of its two modes, or fail with LockedError naming the holder.
 
-        The lock is released by the kernel when this process dies, whatever kills it.
+        exclusive (the default)
+            ``<disk_dir>/.lock``, exclusively: one run at a time changes the manifest (a backup, an
+            append, chain_verify marking points bad).  It holds "pid, host, since" for the message.
+            Readers are not excluded: a publish only adds files and renames the manifest into
+            place, so a reader sees the manifest before or after it, never half of it.
+        shared (``shared=True``)
+            ``<disk_dir>/.read.lock``, shared: a run that only reads published points (chain_verify).
+            Any number of readers and one writer run together.  A run that removes or rewrites
+            published layers (retention) passes ``exclude_readers=True`` to its exclusive lock: it
+            then also takes ``.read.lock`` exclusively, and so fails while a reader runs.
+
+        ``wait``: seconds to keep trying (every 0.2 s) before failing.  The kernel releases the
+        lock when this process dies, whatever kills it.
         """
-        if self._lock_fd is not None:
+        if shared:
+            if exclude_readers:
+                raise InputError("exclude_readers goes with the exclusive lock, not the shared one")
+            if self._read_fd is not None:
+                raise RepositoryError("repository %s is already read-locked by this run" % self.disk_dir)
+        elif self._lock_fd is not None:
             raise RepositoryError("repository %s is already locked by this run" % self.disk_dir)
         self.ensure_dir()
-        path = self.path(LOCK_FILE)
+        if shared:
+            fd = self._flock(READ_LOCK_FILE, fcntl.LOCK_SH, wait, "reads")
+            self._read_fd = fd
+            try:
+                yield self
+            finally:
+                self._read_fd = None
+                os.close(fd)  # releases the flock
+            return
+        fd = self._flock(LOCK_FILE, fcntl.LOCK_EX, wait, "holds")
+        readers = None
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
-                         self.file_mode)
-        except OSError as exc:
-            raise RepositoryError("cannot open lock file %s: %s" % (path, exc.strerror), path=path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            holder = _read_holder(fd)
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LockedError("another run holds %s (%s)" % (self.disk_dir, _describe_holder(holder)),
-                                  path=self.disk_dir, holder=holder)
-            raise RepositoryError("cannot lock %s: %s" % (path, exc.strerror), path=path)
-        try:
+            if exclude_readers:
+                readers = self._flock(READ_LOCK_FILE, fcntl.LOCK_EX, wait, "reads")
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": utc_iso()}
             os.ftruncate(fd, 0)
             os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
         except OSError:
             pass  # the flock is what matters; the text is only for the message
+        except BaseException:
+            os.close(fd)
+            raise
         self._lock_fd = fd
-        self._manifest = None  # re-read under the lock
+        self._manifest = None  # re-read under the lock: a point another run published meanwhile is kept
         try:
             yield self
         finally:
             self._lock_fd = None
+            if readers is not None:
+                os.close(readers)
             try:
                 os.ftruncate(fd, 0)
             except OSError:
                 pass
             os.close(fd)  # releases the flock
+
+    def _flock(self, filename, operation, wait, what):
+        """The fd of ``filename`` in the disk directory with ``operation`` (LOCK_SH/LOCK_EX) flock()ed."""
+        path = self.path(filename)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                         self.file_mode)
+        except OSError as exc:
+            raise RepositoryError("cannot open lock file %s: %s" % (path, exc.strerror), path=path)
+        deadline = time.monotonic() + max(0, wait or 0)
+        while True:
+            try:
+                fcntl.flock(fd, operation | fcntl.LOCK_NB)
+                return fd
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise RepositoryError("cannot lock %s: %s" % (path, exc.strerror), path=path)
+                if time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                holder = _read_holder(fd) if filename == LOCK_FILE else {}
+                holders = lock_holders(fd)
+                os.close(fd)
+                if not holder.get("pid") and holders:
+                    holder = {"pid": holders[0]}
+                text = _describe_holder(holder)
+                if len(holders) > 1 or (holders and filename != LOCK_FILE):
+                    text = "pid %s" % ", ".join(str(p) for p in holders)
+                raise LockedError("another run %s %s (%s)%s" % (
+                    what, self.disk_dir, text, "; waited %g s" % wait if wait else ""),
+                    path=self.disk_dir, holder=holder, holders=holders)
 
     def _require_lock(self, what):
         if self._lock_fd is None:
@@ -748,18 +806,140 @@ class Repository:
 
     def mark_bad(self, name, bad=True, reason=None):
         """Flag a point that failed verification (nothing chains onto a bad point)."""
+        if bad:
+            self.mark_points(bad={name: reason})
+            return
         self._require_lock("marking a point bad")
         doc = copy.deepcopy(self._manifest_doc())
-        for point in doc["points"]:
-            if point["name"] == name:
-                point["bad"] = bool(bad)
-                if reason is not None:
-                    point.setdefault("extra", {})["bad_reason"] = reason
-                break
-        else:
-            raise NotFoundError("no point %r in %s" % (name, self.disk_dir), point=name)
+        point = _find(doc, name, self.disk_dir)
+        point["bad"] = False
+        if reason is not None:
+            point.setdefault("extra", {})["bad_reason"] = reason
         self._commit_manifest(doc)
         self._manifest = doc
+
+    def mark_points(self, bad=None, clear=None):
+        """One manifest write: ``bad`` {name: reason or None} marks points bad; ``clear``
+        {name: {ancestor: why}} records that a point reads none of the corrupt data of a bad
+        ancestor (``extra.clear_of``, see ``unsound``).  Under the exclusive lock, on the manifest
+        as it is on disk now (``lock()`` re-reads it), so a point published meanwhile is kept."""
+        self._require_lock("marking points")
+        doc = copy.deepcopy(self._manifest_doc())
+        for name, reason in (bad or {}).items():
+            point = _find(doc, name, self.disk_dir)
+            point["bad"] = True
+            if reason is not None:
+                point.setdefault("extra", {})["bad_reason"] = reason
+        for name, ancestors in (clear or {}).items():
+            point = _find(doc, name, self.disk_dir)
+            point.setdefault("extra", {}).setdefault("clear_of", {}).update(ancestors)
+        self._commit_manifest(doc)
+        self._manifest = doc
+
+    def unsound(self, name):
+        """(the bad point, why) when point ``name`` is unsafe to chain onto or to restore, else None."""
+        return unsound_point(self._manifest_doc()["points"], name)
+
+    def unsound_reason(self, name):
+        """None when point ``name`` is safe to chain onto and to restore, else why not, as the end of a
+        sentence about it: "is marked bad (...)" or "reads through point P2, which is marked bad (...)"."""
+        found = self.unsound(name)
+        return found[1] if found else None
+
+    def trace_corrupt(self, corrupt):
+        """({point: why it is bad}, {point: {bad point: why it reads none of its corrupt data}}) for the
+        corrupt blocks a verify found, decided by the layers' allocation.  ``corrupt``: {point X:
+        {"blocks": block indexes that read wrong in X, "complete": whether X was read in full and every
+        mismatch kept}}.
+
+        For a point X with corrupt block b, the culprits are the layers that serve b in X's view (the
+        qcow2 reader tells which, top-most first; usually one, an older one when X only reads it).
+        Every point of X's segment that serves any part of b from a culprit layer reads the same bytes
+        there: it is bad, with the culprit and X named.  A descendant of X that serves every corrupt
+        block of X from its own newer layers is recorded as reading around X and its culprits
+        (``extra.clear_of``), but only when X was read in full with every mismatch kept; after a sampled
+        run a corrupt block may have gone unseen, so its descendants stay unsound (``unsound_point``)
+        without being marked.  A point whose layers cannot be mapped is treated as reading the
+        corrupt data."""
+        bad = {}
+        clear = {}
+        if not corrupt:
+            return bad, clear
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import reader as _reader
+
+        points = self._manifest_doc()["points"]
+        by_name = dict((p["name"], p) for p in points)
+        block_size = self.block_size
+        maps = {}
+
+        def views(name, blocks):
+            """{block: set of point names (None: no layer) serving part of it} in point ``name``'s view."""
+            key = (name, tuple(blocks))
+            if key not in maps:
+                chain = [p["name"] for p in reversed(self.chain(name))]  # top-most first, as PointMap.layers
+                try:
+                    with _reader.PointMap.open(self.path(by_name[name]["layer"])) as pmap:
+                        if len(pmap.layers) != len(chain):
+                            raise RepositoryError("its backing chain has %d layers, the manifest says %d"
+                                                  % (len(pmap.layers), len(chain)))
+                        out = {}
+                        for index in blocks:
+                            offset = index * block_size
+                            length = max(0, min(block_size, by_name[name]["size"] - offset))
+                            out[index] = set(chain[run[3]] if 0 <= run[3] < len(chain) else None
+                                             for run in pmap.resolve(offset, offset + length)) if length else set()
+                        maps[key] = out
+                except (ConflictError, RepositoryError) as exc:
+                    maps[key] = exc.msg
+            return maps[key]
+
+        for name, traced in corrupt.items():
+            if name not in by_name or not traced["blocks"]:
+                continue
+            blocks = sorted(traced["blocks"])
+            own = views(name, blocks)
+            if isinstance(own, str):
+                continue  # X itself is bad already; with no map nothing can be cleared or traced
+            culprits = dict((b, own[b]) for b in blocks)
+            names = set().union(*culprits.values()) - {None}
+            lowest = min([by_name[n] for n in names] or [by_name[name]], key=lambda p: p["name"])["name"]
+            ancestors = [p["name"] for p in self.chain(name)]
+            for other in points:
+                q = other["name"]
+                if q == name or other["segment"] != by_name[name]["segment"] or q < lowest:
+                    continue
+                chain = [p["name"] for p in self.chain(q)]
+                if q in ancestors:
+                    if lowest not in chain:
+                        continue
+                elif name not in chain:
+                    continue  # not a descendant: reads nothing of X
+                view = views(q, blocks)
+                descendant = q not in ancestors
+                if isinstance(view, str):
+                    if descendant:
+                        bad[q] = ("reads through point %s, whose data is corrupt at offset %d, and which layer serves "
+                                  "that offset cannot be told (%s)" % (name, blocks[0] * block_size, view))
+                    continue
+                hit = next((b for b in blocks if view[b] & culprits[b]), None)
+                if hit is not None:
+                    culprit = sorted(n for n in view[hit] & culprits[hit] if n is not None) or [name]
+                    offset = hit * block_size
+                    if culprit[0] == q:
+                        bad[q] = ("its layer holds corrupt data at offset %d (found verifying point %s, which reads "
+                                  "it)" % (offset, name))
+                    else:
+                        bad[q] = ("reads offset %d through the layer of point %s, which is corrupt there (found "
+                                  "verifying point %s)" % (offset, culprit[0], name))
+                elif descendant and traced["complete"]:
+                    why = ("its newer layers overwrite all %d corrupt block(s) of point %s (first at offset %d)"
+                           % (len(blocks), name, blocks[0] * block_size))
+                    entry = clear.setdefault(q, {})
+                    for culprit in sorted(names | {name}):
+                        entry.setdefault(culprit, why)
+        for name in bad:
+            clear.pop(name, None)
+        return bad, clear
 
     # -- writing a point -----------------------------------------------------------------------
     def begin_point(self, name, size, parent=None, create=True):
@@ -786,8 +966,9 @@ class Repository:
             backing = None
         else:
             base = self.get(parent)
-            if base.get("bad"):
-                raise ConflictError("point %s is marked bad: nothing may chain onto it" % parent, point=parent)
+            if self.unsound_reason(parent):
+                raise ConflictError("point %s %s: nothing may chain onto it" % (parent, self.unsound_reason(parent)),
+                                    point=parent)
             if base["segment"] != points[-1]["segment"]:
                 raise ConflictError("point %s belongs to an older segment than the latest point %s; start a new "
                                     "segment (no parent) instead" % (parent, points[-1]["name"]), point=parent)
@@ -1011,6 +1192,45 @@ class Repository:
             pass
 
 
+def _find(doc, name, disk_dir):
+    for point in doc["points"]:
+        if point["name"] == name:
+            return point
+    raise NotFoundError("no point %r in %s" % (name, disk_dir), point=name)
+
+
+def bad_reason(point):
+    """The recorded reason a point is marked bad, or a phrase saying there is none."""
+    return (point.get("extra") or {}).get("bad_reason") or "no reason recorded"
+
+
+def unsound_point(points, name):
+    """(name of the bad point, why) when point ``name`` is unsafe to chain onto or to restore, else None.
+
+    ``points``: the manifest's points (a list, or a dict by name).  A point is unsound when it is
+    marked bad, or when an ancestor is marked bad and neither the point nor any point between it
+    and that ancestor records (``extra.clear_of``, written by chain_verify from the layers'
+    allocation) that it overwrites all of that ancestor's corrupt data.  A clearance holds for the
+    descendants too: they read that data only through the point that overwrote it.  Without one
+    (an old mark, a sampled verify, a broken file, a point published after the verify) every
+    descendant of a bad point is unsound.
+    """
+    by_name = points if isinstance(points, dict) else dict((p["name"], p) for p in points)
+    if name not in by_name:
+        raise NotFoundError("no point %r" % (name,), point=name)
+    current = by_name[name]
+    cleared = set()
+    while current is not None:
+        if current.get("bad") and current["name"] not in cleared:
+            if current["name"] == name:
+                return name, "is marked bad (%s)" % bad_reason(current)
+            return current["name"], "reads through point %s, which is marked bad (%s)" % (
+                current["name"], bad_reason(current))
+        cleared.update((current.get("extra") or {}).get("clear_of") or {})
+        current = by_name.get(current.get("parent"))
+    return None
+
+
 def _is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -1022,6 +1242,28 @@ def _read_holder(fd):
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def lock_holders(fd):
+    """The pids holding a flock() on the file of ``fd``, from /proc/locks (Linux); [] when unknown."""
+    try:
+        st = os.fstat(fd)
+        with open("/proc/locks") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return []
+    me = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    pids = []
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; blocked waiters have "->" after the number
+        if "->" in fields:
+            continue
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == me and fields[4].isdigit():
+            pid = int(fields[4])
+            if pid not in pids:
+                pids.append(pid)
+    return sorted(pids)
 
 
 def _describe_holder(holder):

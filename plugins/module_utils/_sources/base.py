@@ -10,14 +10,14 @@ A source is one disk at one moment.  The flow calls, in this order, under the re
 ``choose_base(repo, force_full)``
     ``(parent point or None, effective digests of the parent or None, reason for a full or None)``.
     The default takes the newest point unless a generic rule says no (first backup,
-    ``force_full``, the point is marked bad) or ``base_problem(point)`` names a reason of the
+    ``force_full``, the point is marked bad or reads through a bad one: ``Repository.unsound_reason``) or ``base_problem(point)`` names a reason of the
     source's own (the RBD image was re-created, the base snapshot is gone, the size changed
     under a digest scan...).  A source that needs the digests of the parent (``exact_extents``
     False) gets them here; unusable digests also mean a full.
-``refuse(latest)``
+``refuse(repo)``
     Raise InputError/ConflictError for a request that must not run at all (a snapshot older than
-    the chain's newest point...), or return a point when this moment is ALREADY that point (an
-    explicit no-op: nothing is written).  Default: None.
+    the chain's newest point...), or return the newest point when this moment is ALREADY that
+    point (an explicit no-op: nothing is written).  Default: None.
 ``prepare(intent)``
     Take or resolve the point-in-time (an RBD snapshot, an LVM/ZFS snapshot...).  Before creating
     anything, call ``intent(dict)``: the repository journals it, so that the next run can remove
@@ -61,8 +61,9 @@ def generic_base_problem(repo, latest, force_full):
         return "force_full was set"
     if latest is None:
         return "first backup of this disk"
-    if latest.get("bad"):
-        return "the last point %s is marked bad" % latest["name"]
+    unsound = repo.unsound_reason(latest["name"])
+    if unsound:
+        return "the last point %s %s" % (latest["name"], unsound)
     return None
 
 
@@ -90,7 +91,7 @@ class Source:
     def base_problem(self, point):
         return None
 
-    def refuse(self, latest):
+    def refuse(self, repo):
         return None
 
     # -- the point in time ---------------------------------------------------------------------

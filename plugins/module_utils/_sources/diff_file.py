@@ -150,9 +150,10 @@ def choose_diff_base(repo, from_snap, force_full=False):
     if latest is None:
         raise ConflictError("the diff starts from snapshot %r but %s has no points yet: replay a full diff first"
                             % (from_snap, repo.disk_dir), from_snapshot=from_snap)
-    if latest.get("bad"):
-        raise ConflictError("the last point %s is marked bad: an incremental diff cannot be applied onto it; "
-                            "replay a full diff" % latest["name"], point=latest["name"])
+    unsound = repo.unsound_reason(latest["name"])
+    if unsound:
+        raise ConflictError("the last point %s %s: an incremental diff cannot be applied onto it; replay a full "
+                            "diff" % (latest["name"], unsound), point=latest["name"])
     if latest.get("snapshot") != from_snap:
         raise ConflictError("the diff starts from snapshot %r but the latest point %s was taken from snapshot %r"
                             % (from_snap, latest["name"], latest.get("snapshot")),

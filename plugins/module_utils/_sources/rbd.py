@@ -111,8 +111,9 @@ class RbdSource(Source):
             return "the last point has an odd size"
         return None
 
-    def refuse(self, latest):
+    def refuse(self, repo):
         """A requested snapshot that the newest point already holds is a no-op; an older one is refused."""
+        latest = repo.latest()
         if self.requested is None or latest is None:
             return None
         src = latest.get("source") or {}
@@ -120,7 +121,7 @@ class RbdSource(Source):
             return None
         wanted = self.find_snapshot(self.requested)
         if wanted["id"] == src["snapshot_id"]:
-            return None if latest.get("bad") else latest  # a bad point is replaced by a full
+            return None if repo.unsound_reason(latest["name"]) else latest  # an unsound point is replaced by a full
         if wanted["id"] < src["snapshot_id"]:
             raise InputError(
                 "snapshot %s was taken before snapshot %s of the newest point %s: a chain only moves forward. "

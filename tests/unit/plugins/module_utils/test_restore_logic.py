@@ -80,7 +80,8 @@ def test_bad_points_are_skipped_or_refused():
     points[3] = point(NAMES[3], bad=True, reason="digest mismatch at block 7")
     chosen, skipped = select_point(points)
     assert chosen["name"] == NAMES[2]  # 4 reads through the bad 3
-    assert skipped == ["%s (reads through bad point %s)" % (NAMES[4], NAMES[3]), "%s (marked bad)" % NAMES[3]]
+    assert skipped == ["%s (reads through bad point %s, reason: digest mismatch at block 7)" % (NAMES[4], NAMES[3]),
+                       "%s (marked bad, reason: digest mismatch at block 7)" % NAMES[3]]
     with pytest.raises(ConflictError) as err:
         select_point(points, NAMES[3])
     assert "digest mismatch at block 7" in err.value.msg and "allow_bad" in err.value.msg
