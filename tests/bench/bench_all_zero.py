@@ -1,4 +1,4 @@
-#!/usr/bin/env python3
+# -*- coding: utf-8 -*-
 """The all-zero check (``_core.files.all_zero``) against the plain Python spellings it replaced.
 
 Prints microseconds per call for 64 KiB and 4 MiB buffers, all zero or with one non-zero byte at
@@ -47,7 +47,7 @@ def buffers(size):
 
 
 def main():
-    print("%-5s %-10s %-10s" % ("size", "content", "buffer") + "".join("%20s" % name for name, _ in CANDIDATES))
+    print("%-5s %-10s %-10s" % ("size", "content", "buffer") + "".join("%20s" % name for name, _fn in CANDIDATES))
     for size in (64 << 10, 4 << 20):
         for content, kind, buf in buffers(size):
             row = ""

@@ -64,7 +64,6 @@ _META_TAGS = {TAG_FROM_SNAP: "from-snap", TAG_TO_SNAP: "to-snap", TAG_SIZE: "siz
 _NEW, _OPEN, _ENDED, _BROKEN = "new", "open", "ended", "broken"
 
 
-
 def _encode_name(name, what):
     if isinstance(name, str):
         raw = name.encode("utf-8", "surrogateescape")
