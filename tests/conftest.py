@@ -21,4 +21,12 @@ os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", COLLECTIONS)
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from skip_policy import pytest_addoption, pytest_configure  # noqa: E402,F401 pylint: disable=wrong-import-position,unused-import
+import skip_policy  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def pytest_addoption(parser):
+    skip_policy.pytest_addoption(parser)
+
+
+def pytest_configure(config):
+    skip_policy.pytest_configure(config)
