@@ -5,10 +5,11 @@
 
     .venv/bin/python tests/bench/scale.py [--sizes-gib 2,8] [--repeat 3]   (make bench, after bench.py)
 
-Starts its own lab in a new temporary directory (never $SNAPCHAIN_LAB_DIR, whose memstore is too
-small for an 8 GiB image) with a memstore of $SNAPCHAIN_LAB_MEMSTORE_GIB GiB, by default the
-largest size + 3 GiB; --lab-dir names another one.  For each size in turn, with one image in the
-cluster at a time:
+For each size in turn, starts a new lab in a temporary directory (never $SNAPCHAIN_LAB_DIR, whose
+memstore is too small for an 8 GiB image) with a memstore of $SNAPCHAIN_LAB_MEMSTORE_GIB GiB, by
+default the size + 3 GiB, and stops it after the size is measured (the OSD keeps the memory of
+removed images: a new lab gives it back).  It refuses to write an image that the machine's
+available memory could not hold.  Then, with one image in the cluster at a time:
 
   1. an image of incompressible data (slices of a 64 MiB random pool; sha256 taken as it is
      written), snapshot s0;
@@ -16,11 +17,13 @@ cluster at a time:
   3. snapshot s1 with no change, then best of --repeat unchanged incrementals s0 -> s1, each
      appended to a copy of the chain: the data-path time is the module's wall time (connect,
      diff, empty copy, publish; it includes the ~constant start of a python process);
-  4. the image removed (and the OSD's memory given back), then qcow2_chain_restore of the latest
-     point (through its backing chain) into a new image;
-  5. verification of every timed run: sha256 of the restored image (read through librbd) must be
-     the source's; it reads the incremental point and, through it, the full one.  Each incremental
-     copy is restored likewise.  A mismatch stops the bench: "VERIFY FAILED", exit status 1.
+  4. the image removed, then qcow2_chain_restore of the latest point (through its backing chain)
+     into a new raw file in the work directory (not into a new image: the memstore OSD does not give
+     a removed image's memory back to the system, so a restored 8 GiB image would come on top of the
+     source's 8 GiB; an OSD of 17 GB was OOM-killed so);
+  5. verification of every timed run: sha256 of the restored file must be the source's; it reads
+     the incremental point and, through it, the full one.  Each incremental copy is restored
+     likewise.  A mismatch stops the bench: "VERIFY FAILED", exit status 1.
 
 Peak RSS is the VmHWM of the module's own process (module_runner.module_argv).  Prints seconds per
 GiB of the full backup and the restore at each size and the ratios, against the targets: 8 GiB
@@ -45,6 +48,7 @@ sys.path.insert(0, HERE)
 
 import bench  # noqa: E402  pylint: disable=wrong-import-position
 import module_runner  # noqa: E402  pylint: disable=wrong-import-position
+from shas import sha256_file  # noqa: E402  pylint: disable=wrong-import-position
 import snaplab  # noqa: E402  pylint: disable=wrong-import-position
 
 GIB = 1 << 30
@@ -55,6 +59,18 @@ TARGET_INCR = 1.2
 S0, S1 = "scale-s0", "scale-s1"
 
 
+def _status_kb(path, key):
+    with open(path) as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise bench.BenchError("no %s in %s" % (key, path))
+
+
+def mem_available():
+    return _status_kb("/proc/meminfo", "MemAvailable")
+
+
 class Scale(bench.Bench):
     """bench.Bench's image, module runs and chains, at one size; plus the restore."""
 
@@ -63,6 +79,11 @@ class Scale(bench.Bench):
     def fill(self):
         """(Re)create the image full of incompressible data; s0, then s1 with no change. Returns its sha256."""
         self.baseline = self.lab.ceph_json("df")["stats"]["total_used_raw_bytes"]
+        need = self.size + 3 * GIB // 2
+        if mem_available() < need:
+            raise bench.BenchError("not enough memory for a %d GiB image in the memstore: %d MiB available, %d MiB needed "
+                                   "(the machine is shared: try again later, or --sizes-gib smaller)"
+                                   % (self.size // GIB, mem_available() // MIB, need // MIB))
         pool = os.urandom(64 * MIB + CHUNK)
         digest = hashlib.sha256()
 
@@ -84,21 +105,21 @@ class Scale(bench.Bench):
         return digest.hexdigest()
 
     def remove_image(self, name):
-        """Remove ``name`` with its snapshots, and wait until the OSD has given the memory back."""
+        """Remove ``name`` with its snapshots, and wait until the memstore has freed its objects."""
         self.lab.rbd("snap", "purge", "--no-progress", "%s/%s" % (self.pool, name), check=False)
         self.lab.rbd("rm", "--no-progress", "%s/%s" % (self.pool, name))
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             used = self.lab.ceph_json("df")["stats"]["total_used_raw_bytes"]
             if used < self.baseline + 256 * MIB:
-                return
+                break
             time.sleep(1)
-        raise bench.BenchError("the OSD still holds %d MiB 5 minutes after the image was removed" % (used // MIB))
+        else:
+            raise bench.BenchError("the OSD still holds %d MiB 5 minutes after the image was removed" % (used // MIB))
 
-    def restore(self, chain, name):
-        """qcow2_chain_restore of the latest point of ``chain`` into a new image ``name``."""
-        params = dict(chain=chain, rbd=dict(pool=self.pool, image=name), ceph_conf=self.lab.ceph_conf,
-                      ceph_client=self.lab.backup_client, keyring=self.lab.backup_keyring)
+    def restore(self, chain, path):
+        """qcow2_chain_restore of the latest point of ``chain`` into a new raw file ``path``."""
+        params = dict(chain=chain, file=path, format="raw")
         args = os.path.join(self.work, "restore-args.json")
         with open(args, "w") as f:
             json.dump({"ANSIBLE_MODULE_ARGS": params}, f)
@@ -113,24 +134,14 @@ class Scale(bench.Bench):
         run["transfer"] = result["seconds"]
         return run
 
-    def image_sha(self, name):
-        import rbd  # pylint: disable=import-outside-toplevel,import-error
-        cluster = self.lab.rados("admin")
-        try:
-            with cluster.open_ioctx(self.pool) as ioctx, rbd.Image(ioctx, name, read_only=True) as img:
-                digest = hashlib.sha256()
-                for off in range(0, img.size(), CHUNK):
-                    digest.update(img.read(off, min(CHUNK, img.size() - off)))
-                return digest.hexdigest()
-        finally:
-            cluster.shutdown()
-
     def restore_verified(self, chain, sha, what):
-        name = "scale-restore"
-        run = self.restore(chain, name)
-        if self.image_sha(name) != sha:
-            raise bench.BenchError("VERIFY FAILED: %s, restored from %s, differs from the source image" % (what, chain))
-        self.remove_image(name)
+        path = os.path.join(self.work, "restored.raw")
+        run = self.restore(chain, path)
+        try:
+            if sha256_file(path) != sha:
+                raise bench.BenchError("VERIFY FAILED: %s, restored from %s, differs from the source image" % (what, chain))
+        finally:
+            os.unlink(path)
         return run
 
 
@@ -164,10 +175,10 @@ def one_size(lab, work, gib, repeat):
     return dict(gib=gib, full=full, restore=restore, incr=incr)
 
 
-def report(results, lab_dir, loadavg):
+def report(results, loadavg):
     small, large = results[0], results[-1]
-    out = ["", "Scale: %s GiB of incompressible data, lab %s (memstore %d GiB); load average before: %s"
-           % (" and ".join(str(r["gib"]) for r in results), lab_dir, snaplab.memstore_bytes() // GIB, loadavg),
+    out = ["", "Scale: %s GiB of incompressible data, a new lab for each size (memstore: size + 3 GiB); load average "
+           "before: %s" % (" and ".join(str(r["gib"]) for r in results), loadavg),
            "every run verified by restoring it (sha256 against the source); peak RSS = the module process's VmHWM"]
     rows = []
     for r in results:
@@ -177,7 +188,8 @@ def report(results, lab_dir, loadavg):
                      "%.2f" % (r["restore"]["cpu"] / r["gib"]), "%.0f" % r["restore"]["rss"]])
     out.append(bench.table(["", "full s", "full s/GiB", "CPU s/GiB", "full RSS MB", "unchanged incr s", "incr RSS MB",
                             "restore s", "restore s/GiB", "CPU s/GiB", "restore RSS MB"], rows))
-    out.append("  (one full backup and one restore per size, wall time of the module process; CPU s count its children)")
+    out.append("  (one full backup and one restore, into a new raw file, per size; wall time of the module process; CPU s "
+               "count its children)")
     rows = []
     for what, key in (("full backup s/GiB", "full"), ("restore s/GiB", "restore")):
         ratio = (large[key]["seconds"] / large["gib"]) / (small[key]["seconds"] / small["gib"])
@@ -194,23 +206,27 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-gib", default="2,8", help="image sizes in GiB, smallest first (default 2,8)")
     parser.add_argument("--repeat", type=int, default=3, help="unchanged incrementals per size, the fastest counts")
-    parser.add_argument("--lab-dir", help="lab directory to use or start (default: a new temporary one)")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes_gib.split(",")]
     if len(sizes) < 2 or sizes != sorted(sizes) or sizes[0] < 1 or args.repeat < 1:
         parser.error("--sizes-gib needs two sizes or more, smallest first; --repeat >= 1")
-    os.environ.setdefault("SNAPCHAIN_LAB_MEMSTORE_GIB", str(sizes[-1] + 3))
+    memstore = os.environ.get("SNAPCHAIN_LAB_MEMSTORE_GIB")
     scratch = tempfile.mkdtemp(prefix="snapchain-scale-", dir="/var/tmp")
-    lab_dir = args.lab_dir or os.path.join(scratch, "lab")
     work = os.path.join(scratch, "work")
     os.makedirs(work)
-    lab = None
     started = time.monotonic()
     loadavg = " ".join("%.1f" % x for x in os.getloadavg())
+    results = []
     try:
-        lab = snaplab.Lab.start(lab_dir)
-        results = [one_size(lab, work, gib, args.repeat) for gib in sizes]
-        print(report(results, lab_dir, loadavg))
+        for gib in sizes:
+            # a new lab for each size: the OSD does not give the memory of removed images back
+            os.environ["SNAPCHAIN_LAB_MEMSTORE_GIB"] = memstore or str(gib + 3)
+            lab = snaplab.Lab.start(os.path.join(scratch, "lab-%d" % gib))
+            try:
+                results.append(one_size(lab, work, gib, args.repeat))
+            finally:
+                lab.stop()
+        print(report(results, loadavg))
         print("scale: %.0f s in all; load average after: %s"
               % (time.monotonic() - started, " ".join("%.1f" % x for x in os.getloadavg())), flush=True)
         return 0
@@ -218,8 +234,6 @@ def main(argv=None):
         print("scale: %s" % exc, file=sys.stderr)
         return 1
     finally:
-        if lab is not None and not lab.reused:
-            lab.stop()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
