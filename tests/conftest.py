@@ -16,3 +16,17 @@ if not os.path.exists(LINK):
 if COLLECTIONS not in sys.path:
     sys.path.insert(0, COLLECTIONS)
 os.environ.setdefault("ANSIBLE_COLLECTIONS_PATH", COLLECTIONS)
+
+# In CI ($CI set) a skip fails the run unless tests/allowed_skips.txt justifies it: see skip_policy.py.
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+import skip_policy  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def pytest_addoption(parser):
+    skip_policy.pytest_addoption(parser)
+
+
+def pytest_configure(config):
+    skip_policy.pytest_configure(config)

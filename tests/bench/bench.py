@@ -17,14 +17,14 @@ snapshots it (s0), rewrites 1% of it with 4 KiB writes at random 4 KiB-aligned o
   2. ``qemu-img convert`` of s0 (an rbd: URI as client.backup) into a qcow2 file, with
      defaults and with ``-W -m 16 -t none``;
   3. a full backup of s0 by the rbd_export_diff module run as a child process, exactly
-     as Ansible runs it (wall time; peak RSS and CPU time from wait4), with the module's
-     defaults, then for writer direct x parallel 4/8/16 and writer nbd (with the 1% incremental);
+     as Ansible runs it (wall time; CPU time from wait4, children included; peak RSS = VmHWM of
+     the module's own process, see module_runner.module_argv), with the module's defaults, then for writer direct x parallel 4/8/16 and writer nbd (with the 1% incremental);
   4. the 1% incremental (s0 -> s1) for granularity auto, exact and object;
   5. an incremental with no change (s1 -> s2).
 
-Every configuration's first run is verified: ``qemu-img compare`` of the new point
-(through its backing chain) against ``rbd export`` of its snapshot, so a fast but
-wrong result cannot pass.  Incrementals start from hard-linked copies of one full
+Every timed run is verified: ``qemu-img compare`` of the new point (through its backing
+chain) against ``rbd export`` of its snapshot, so a fast but wrong result cannot pass: a
+mismatch stops the bench with "VERIFY FAILED" and exit status 1.  Incrementals start from hard-linked copies of one full
 chain, so each run appends to an identical base.
 
 Targets are printed with PASS/MISS.  This is a benchmark, not a test: it exits 0
@@ -46,9 +46,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLLECTIONS = os.path.join(ROOT, "build", "collections")
-MODULE = "ansible_collections.snapchain.vmbackup.plugins.modules.rbd_export_diff"
 sys.path.insert(0, os.path.join(ROOT, "tests", "lab"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))  # module_runner: the module's own peak RSS
 
+import module_runner  # noqa: E402  pylint: disable=wrong-import-position
 import snaplab  # noqa: E402  pylint: disable=wrong-import-position
 
 MIB = 1 << 20
@@ -233,7 +234,10 @@ class Bench:
         args = os.path.join(self.work, "args.json")
         with open(args, "w") as f:
             json.dump({"ANSIBLE_MODULE_ARGS": params}, f)
-        run = run_child([sys.executable, "-m", MODULE, args], env=dict(PYTHONPATH=COLLECTIONS))
+        peak = os.path.join(self.work, "peak_rss")
+        run = run_child(module_runner.module_argv("rbd_export_diff", args, peak), env=dict(PYTHONPATH=COLLECTIONS))
+        run["rss"] = module_runner.peak_rss(peak) / float(MIB)
+        os.unlink(peak)
         try:
             result = json.loads(run["stdout"].strip().splitlines()[-1])
         except (ValueError, IndexError):
@@ -253,36 +257,35 @@ class Bench:
         try:
             run_child(["qemu-img", "compare", "-q", "-U", "-f", "qcow2", "-F", "raw", run["layer"], raw])
         except BenchError as exc:
-            raise BenchError("the point %s does not read like %s: %s" % (run["layer"], self.spec(snap), exc)) from None
+            raise BenchError("VERIFY FAILED: the point %s does not read like %s: %s"
+                             % (run["layer"], self.spec(snap), exc)) from None
         return "ok"
 
     def full(self, label, options, keep=False):
-        """Best of ``repeat`` full backups of s0, each into a new chain; the first one verified."""
+        """Best of ``repeat`` full backups of s0, each into a new chain, every one verified."""
         runs = []
-        for n in range(self.repeat):
+        for _n in range(self.repeat):
             run = self.run_module(self.new_dir("full"), S0, options)
             if not run["full"]:
                 raise BenchError("%s: expected a full backup, got an incremental" % label)
-            if n == 0:
-                self.verify(run, S0)
+            self.verify(run, S0)
             runs.append(run)
         return self._keep_best(label, runs, keep)
 
     def incremental(self, label, base_chain, snap, options, keep=False):
-        """Best of ``repeat`` incrementals, each appended to a copy of ``base_chain``; the first one verified."""
+        """Best of ``repeat`` incrementals, each appended to a copy of ``base_chain``, every one verified."""
         runs = []
-        for n in range(self.repeat):
+        for _n in range(self.repeat):
             run = self.run_module(self.clone_chain(base_chain), snap, options)
             if run["full"]:
                 raise BenchError("%s: expected an incremental, got a full backup" % label)
-            if n == 0:
-                self.verify(run, snap)
+            self.verify(run, snap)
             runs.append(run)
         return self._keep_best(label, runs, keep)
 
     def _keep_best(self, label, runs, keep):
         out = best(runs)
-        out["verified"] = "ok"
+        out["verified"] = "ok (%d/%d)" % (len(runs), len(runs))
         for run in runs:
             if not (keep and run["chain"] == out["chain"]):
                 shutil.rmtree(run["chain"])
@@ -379,7 +382,7 @@ def report(args, lab, size, writes, r):
         out.append("  note: " + r["note"])
 
     out += ["", "Full backup of s0: rbd_export_diff as a child process, module defaults"]
-    out.append(table(["", "wall s", "transfer s", "CPU s", "MB/s", "% of export", "x tuned convert", "peak RSS MB", "verified"],
+    out.append(table(["", "wall s", "transfer s", "CPU s", "MB/s", "% of export", "x tuned convert", "module peak RSS MB", "verified"],
                      [["full", "%.2f" % full["seconds"], "%.2f" % full["transfer"], "%.2f" % full["cpu"], "%.0f" % full_rate,
                        "%.0f%%" % (100.0 * full_rate / export_rate), "%.2f" % (full_rate / tuned_rate), "%.0f" % full["rss"],
                        full["verified"]]]))
@@ -390,7 +393,7 @@ def report(args, lab, size, writes, r):
     rows = [[g + (" *" if g == fastest else ""), "%.2f" % i["seconds"], "%.2f" % i["transfer"], "%.2f" % i["cpu"],
              "%.1f%%" % (100.0 * i["seconds"] / full["seconds"]), "%.1f" % (i["bytes_read"] / float(MIB)), i["extents"],
              "%.0f" % i["rss"], i["verified"]] for g, i in incr.items()]
-    out.append(table(["granularity", "wall s", "transfer s", "CPU s", "% of full", "MiB read", "extents", "peak RSS MB", "verified"], rows))
+    out.append(table(["granularity", "wall s", "transfer s", "CPU s", "% of full", "MiB read", "extents", "module peak RSS MB", "verified"], rows))
     out.append("  * fastest;  rbd export-diff of the same snapshots to /dev/null (Ceph's own tool, no write): %.2f s = %.1f%% of our full"
                % (r["export_diff"]["seconds"], 100.0 * r["export_diff"]["seconds"] / full["seconds"]))
     nochange = r["nochange"]
@@ -402,8 +405,8 @@ def report(args, lab, size, writes, r):
         out += ["", "Full backup and 1% incremental (auto) by parallel x writer"]
         rows = [[str(p), c, "%.2f" % f["seconds"], "%.2f" % f["cpu"], "%.0f" % mbps(size, f["seconds"]),
                  "%.2f" % i["seconds"], "%.1f%%" % (100.0 * i["seconds"] / f["seconds"]), "%.0f" % max(f["rss"], i["rss"]),
-                 "ok" if f["verified"] == i["verified"] == "ok" else "FAILED"] for p, c, f, i in r["variants"]]
-        out.append(table(["parallel", "writer", "full s", "full CPU s", "full MB/s", "1% incr s", "% of full", "peak RSS MB", "verified"],
+                 f["verified"] if f["verified"] == i["verified"] else "FAILED"] for p, c, f, i in r["variants"]]
+        out.append(table(["parallel", "writer", "full s", "full CPU s", "full MB/s", "1% incr s", "% of full", "module peak RSS MB", "verified"],
                          rows))
 
     runs = [full, nochange] + list(incr.values()) + [x for _p, _c, f, i in r["variants"] for x in (f, i)]
@@ -422,7 +425,7 @@ def report(args, lab, size, writes, r):
             shown = {"%": "%.0f%%" % (100 * value), "x": "%.2fx" % value, "%i": "%.1f%%" % (100.0 / value)}[unit]
             row += [shown, verdict(value >= need)]
         rows.append(row)
-    rows.append(["peak RSS < 300 MB (every run)", "%.0f MB" % rss, verdict(rss < TARGET_RSS_MB)] + [""] * (2 * len(configs) - 2))
+    rows.append(["module peak RSS (VmHWM) < 300 MB (every run)", "%.0f MB" % rss, verdict(rss < TARGET_RSS_MB)] + [""] * (2 * len(configs) - 2))
     header = [""]
     for title, _f, _i in configs:
         header += [title, ""]

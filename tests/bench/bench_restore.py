@@ -30,8 +30,10 @@ and measures, best of --repeat rounds (the configurations interleaved), wall tim
   5. with --device (root; losetup): the 1-layer point onto a loop device (``--direct-io=on``, on a
      file in the work directory), and ``dd oflag=direct`` of the same size onto it.
 
-Every configuration's first restore is verified (sha256 of the image read back through librbd,
-or of the file or device, against R; qemu-img convert's file likewise).  This is a benchmark,
+Every timed run is verified (sha256 of the image read back through librbd, or of the file or
+device, against R; qemu-img convert's file likewise): a mismatch stops the bench with "VERIFY
+FAILED" and exit status 1.  Peak RSS of a restore is the VmHWM of the module's own process
+(module_runner.module_argv); of a reference command, the VmHWM of that command sampled every 20 ms.  This is a benchmark,
 not a test: it exits 0 whatever the figures, non-zero only if something failed.
 """
 
@@ -52,9 +54,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COLLECTIONS = os.path.join(ROOT, "build", "collections")
 sys.path.insert(0, os.path.join(ROOT, "tests", "lab"))
-sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))  # shas.py: the tests' own sha256_file
+sys.path.insert(0, os.path.join(ROOT, "tests", "integration"))  # shas.py, module_runner.py
 sys.path.insert(0, COLLECTIONS)
 
+import module_runner  # noqa: E402  pylint: disable=wrong-import-position
 import snaplab  # noqa: E402  pylint: disable=wrong-import-position
 from shas import sha256_file  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -215,30 +218,28 @@ class Bench:
             cluster.shutdown()
 
     def rbd_import(self, n):
-        """One ``rbd import`` of R into a new image; the first one is verified."""
+        """One ``rbd import`` of R into a new image, verified."""
         name = "bench-import"
         self._remove_image(name)
         seconds, rss, _out, cpu = run_child(["rbd", "--conf", self.lab.ceph_conf, "--id", self.lab.backup_client,
                                              "--keyring", self.lab.backup_keyring, "import", "--no-progress",
                                              self.raw, "%s/%s" % (self.lab.pool, name)])
-        verified = None
-        if n == 0:
-            if self._image_sha(name) != self.sha:
-                raise BenchError("rbd import did not reproduce the data")
-            verified = "ok"
+        if self._image_sha(name) != self.sha:
+            raise BenchError("VERIFY FAILED: rbd import (round %d) did not reproduce the data" % (n + 1))
+        verified = "ok"
         self._remove_image(name)
         return dict(seconds=seconds, cpu=cpu, rss=rss, transfer=None, reader=None, verified=verified)
 
     def _reference(self, n, label, argv, dst, verify, new_file=True):
         """One run of a reference command writing ``dst`` (a new file, removed after it, unless
-        ``new_file`` is false: a device); the first one of a kind is verified when ``verify``."""
+        ``new_file`` is false: a device); verified when ``verify``."""
         if new_file and os.path.exists(dst):
             os.unlink(dst)
         seconds, rss, _out, cpu = run_child(argv)
         verified = None
-        if n == 0 and verify:
+        if verify:
             if sha256_file(dst, self.size) != self.sha:
-                raise BenchError("%s did not reproduce the data" % label)
+                raise BenchError("VERIFY FAILED: %s (round %d) did not reproduce the data" % (label, n + 1))
             verified = "ok"
         if new_file:
             os.unlink(dst)
@@ -259,7 +260,7 @@ class Bench:
                                new_file=device is None)
 
     def restore(self, n, label, chain, point, **dest):
-        """One restore by the module (a child process); the first one of each kind is verified."""
+        """One restore by the module (a child process), verified; its peak RSS is the module process's VmHWM."""
         self._serial += 1
         params = dict(chain=chain, point=point, parallel=self.parallel)
         if self.lab is not None:
@@ -280,31 +281,31 @@ class Bench:
         args = os.path.join(self.work, "args.json")
         with open(args, "w") as f:
             json.dump({"ANSIBLE_MODULE_ARGS": params}, f)
-        seconds, rss, stdout, cpu = run_child([sys.executable, "-m",
-                                               "ansible_collections.snapchain.vmbackup.plugins.modules.qcow2_chain_restore",
-                                               args], env=dict(PYTHONPATH=COLLECTIONS))
+        peak = os.path.join(self.work, "peak_rss")
+        seconds, _rss, stdout, cpu = run_child(module_runner.module_argv("qcow2_chain_restore", args, peak),
+                                               env=dict(PYTHONPATH=COLLECTIONS))
+        rss = module_runner.peak_rss(peak) / float(MIB)
+        os.unlink(peak)
         try:
             result = json.loads(stdout[stdout.index("{"):])
         except ValueError:
             raise BenchError("the module printed no JSON result: %s" % stdout[-2000:]) from None
         if result.get("failed"):
             raise BenchError("%s: the module failed: %s" % (label, result.get("msg")))
-        verified = None
-        if n == 0:
-            if image:
-                got = self._image_sha(image)
-            elif device:
-                got = sha256_file(device, self.size)
-            elif dest["format"] == "raw":
-                got = sha256_file(path)
-            else:
-                raw = path + ".raw"
-                subprocess.run(["qemu-img", "convert", "-O", "raw", path, raw], check=True)
-                got = sha256_file(raw)
-                os.unlink(raw)
-            if got != self.sha:
-                raise BenchError("%s: the restored data differs from the source" % label)
-            verified = "ok"
+        if image:
+            got = self._image_sha(image)
+        elif device:
+            got = sha256_file(device, self.size)
+        elif dest["format"] == "raw":
+            got = sha256_file(path)
+        else:
+            raw = path + ".raw"
+            subprocess.run(["qemu-img", "convert", "-O", "raw", path, raw], check=True)
+            got = sha256_file(raw)
+            os.unlink(raw)
+        if got != self.sha:
+            raise BenchError("VERIFY FAILED: %s (round %d): the restored data differs from the source" % (label, n + 1))
+        verified = "ok"
         if image:
             self._remove_image(image)
         if path:
@@ -327,7 +328,7 @@ def loop_device(path, size):
 
 def best(runs):
     out = dict(min(runs, key=lambda r: r["seconds"]))
-    out["verified"] = runs[0]["verified"]
+    out["verified"] = "ok (%d/%d)" % (len(runs), len(runs)) if all(r["verified"] for r in runs) else None
     out["rss"] = max(r["rss"] for r in runs)
     out["all"] = [r["seconds"] for r in runs]
     out["cpu"] = min(r["cpu"] for r in runs)

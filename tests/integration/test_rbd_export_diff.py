@@ -9,6 +9,7 @@ point intact and no managed snapshot behind once the next run succeeded.
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -196,6 +197,12 @@ def test_concurrent_run_fails_fast_and_changes_nothing(lab, image, args):
     assert manifest(args["chain"]) == before and snapshots(lab, image) == snaps
 
 
+def qemu_nbd_serving(name):
+    """PIDs of the qemu-nbd processes whose command line names the file ``name``."""
+    found = subprocess.run(["pgrep", "-f", "qemu-nbd.*" + re.escape(name)], capture_output=True, text=True, check=False)
+    return found.stdout.split()
+
+
 def test_sigkill_mid_transfer_loses_nothing(lab, image, args, tmp_path):
     first = module_runner.run("rbd_export_diff", args)
     with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, image) as img:
@@ -204,7 +211,8 @@ def test_sigkill_mid_transfer_loses_nothing(lab, image, args, tmp_path):
             img.write(rng.randbytes(4 * MiB), off)
     time.sleep(1)
     before = manifest(args["chain"])
-    proc = module_runner.start("rbd_export_diff", dict(args, parallel=1))
+    # writer nbd: the layer is written by a qemu-nbd child, which must not outlive the module
+    proc = module_runner.start("rbd_export_diff", dict(args, parallel=1, writer="nbd"))
     partial = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -214,13 +222,15 @@ def test_sigkill_mid_transfer_loses_nothing(lab, image, args, tmp_path):
             break
         time.sleep(0.02)
     assert partial, "the transfer finished before it could be killed; make the image bigger"
+    assert qemu_nbd_serving(partial), "no qemu-nbd serves %s: the check below would prove nothing" % partial
     proc.send_signal(signal.SIGKILL)
     module_runner.finish(proc)
     assert manifest(args["chain"]) == before
-    time.sleep(1)
-    # qemu-nbd went away with its parent (PDEATHSIG)
-    nbd = subprocess.run(["pgrep", "-f", "qemu-nbd.*" + partial], capture_output=True, text=True, check=False)
-    assert nbd.stdout.strip() == ""
+    # qemu-nbd went away with its parent (PDEATHSIG; also, not --persistent, it ends when its client goes)
+    deadline = time.monotonic() + 10
+    while qemu_nbd_serving(partial) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not qemu_nbd_serving(partial), "qemu-nbd outlived the killed module"
     leaked = [s for s in snapshots(lab, image) if s != first["snapshot"]]
     assert len(leaked) == 1  # the killed run's snapshot: the next run must clean it
     again = module_runner.run("rbd_export_diff", args)

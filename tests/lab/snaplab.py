@@ -11,6 +11,8 @@ Run from anywhere with the system Python (stdlib only):
 Everything lives in $SNAPCHAIN_LAB_DIR (default /tmp/snapchain-lab): ceph.conf, the keyrings
 (ceph.client.admin.keyring, ceph.client.backup.keyring), mon/ osd/ mgr/ data, run/ (pid files,
 admin sockets), log/ and lab.json, which describes the running lab. /etc/ceph is never touched.
+The OSD is a memstore of 8 GiB of RAM at most; $SNAPCHAIN_LAB_MEMSTORE_GIB (a number of GiB) sets
+another size for a lab started with it (the scale benchmark needs room for an 8 GiB image).
 libvirtd and virtlogd are started only if they are not already running; ones we did not start
 are never stopped.
 
@@ -40,7 +42,7 @@ PACKAGES = (
     "libvirt-daemon-driver-qemu", "libvirt-daemon-system", "libvirt-clients", "python3-libvirt",
     "python3-venv", "python3-libnbd", "python3-jmespath", "python3-xxhash", "libnbd-bin",
 )
-MEMSTORE_BYTES = 8 << 30
+MEMSTORE_BYTES = 8 << 30  # default; $SNAPCHAIN_LAB_MEMSTORE_GIB overrides it (memstore_bytes())
 LIBVIRT_URI = "qemu:///system"
 # Daemon name prefix -> executable; also the identity check before any signal is sent.
 EXES = {"mon": "ceph-mon", "osd": "ceph-osd", "mgr": "ceph-mgr",
@@ -229,6 +231,20 @@ def _kvm_device_permissions():
         os.chmod(kvm, 0o660)
 
 
+def memstore_bytes():
+    """The memstore size of a lab started now: $SNAPCHAIN_LAB_MEMSTORE_GIB GiB, else MEMSTORE_BYTES."""
+    value = os.environ.get("SNAPCHAIN_LAB_MEMSTORE_GIB", "").strip()
+    if not value:
+        return MEMSTORE_BYTES
+    try:
+        size = int(float(value) * (1 << 30))
+    except ValueError:
+        size = 0
+    if size < 1 << 30:
+        raise LabError(f"SNAPCHAIN_LAB_MEMSTORE_GIB={value!r}: expected a number of GiB, at least 1")
+    return size
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -339,7 +355,7 @@ class Lab:
         self.mon_addr = f"127.0.0.1:{_free_port()}"  # msgr2 only; clients accept it plain
         fsid, osd_uuid = uuid.uuid4(), uuid.uuid4()
         Path(self.ceph_conf).write_text(CEPH_CONF.format(
-            dir=d, fsid=fsid, mon_addr=f"[v2:{self.mon_addr}]", memstore_bytes=MEMSTORE_BYTES))
+            dir=d, fsid=fsid, mon_addr=f"[v2:{self.mon_addr}]", memstore_bytes=memstore_bytes()))
         self._make_keyrings()
         run(["monmaptool", "--create", "--fsid", fsid, "--addv", "a", f"[v2:{self.mon_addr}]",
              d / "monmap"])
