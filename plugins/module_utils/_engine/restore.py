@@ -164,7 +164,6 @@ def _bad_in_chain(point, by_name):
     return unsound_point(by_name, point["name"])
 
 
-
 def select_point(points, point=None, before=None, allow_bad=False):
     """(the point to restore, [skipped points as 'name (reason)']).
 
@@ -207,9 +206,8 @@ def select_point(points, point=None, before=None, allow_bad=False):
     for candidate in reversed(candidates):
         found = _bad_in_chain(candidate, by_name)
         if found and not allow_bad:
-            skipped.append("%s (%s, %s)" % (candidate["name"], "marked bad" if found[0] == candidate["name"]
-                                             else "reads through bad point %s" % found[0],
-                                             _bad_reason(by_name[found[0]])))
+            how = "marked bad" if found[0] == candidate["name"] else "reads through bad point %s" % found[0]
+            skipped.append("%s (%s, %s)" % (candidate["name"], how, _bad_reason(by_name[found[0]])))
             continue
         return candidate, skipped
     raise ConflictError("every point%s is marked bad or reads through a bad point: %s; set allow_bad: true to "

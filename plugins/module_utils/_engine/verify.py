@@ -649,7 +649,7 @@ def _check_structure(repo, report):
     for entry in sorted(os.listdir(repo.disk_dir)):
         if entry.startswith(".") and entry.endswith(PARTIAL_SUFFIX):
             report.warnings.append("%s is a partial file of an interrupted run or of a backup running now (the next "
-                               "backup removes a left-over one)" % entry)
+                                   "backup removes a left-over one)" % entry)
     return True
 
 
