@@ -248,41 +248,6 @@ class NbdReader:
         return self.pool.pread(length, offset)
 
 
-class RbdReader:
-    """An RBD image opened at a snapshot.  Zero regions: what diff_iterate from the image's
-    creation (whole objects, parent included) does not report as existing."""
-
-    def __init__(self, img, rbd_module, diff_fn):
-        self.img = img
-        self.size = img.size()
-        self._rbd = rbd_module
-        self._diff = diff_fn
-        self._lock = threading.Lock()
-
-    def zero_extents(self, offset, length):
-        end = min(self.size, offset + length)
-        with self._lock:
-            found = self._diff(self.img, None, whole_object=True, offset=offset, length=end - offset)
-        out = []
-        pos = offset
-        for ext in sorted(found, key=lambda e: e.offset):
-            if ext.kind == ZERO:
-                continue
-            if ext.offset > pos:
-                out.append(Extent(pos, ext.offset - pos, ZERO))
-            pos = max(pos, ext.end)
-        if pos < end:
-            out.append(Extent(pos, end - pos, ZERO))
-        return out
-
-    def read(self, offset, length):
-        try:
-            return self.img.read(offset, length)
-        except self._rbd.Error as exc:
-            raise TransferError("read of %d bytes at offset %d of the snapshot failed: %s" % (length, offset, exc),
-                                offset=offset)
-
-
 class FileReader:
     """A raw file (a restore drill's output): holes are zero, data is read with pread."""
 
@@ -865,58 +830,47 @@ def _drill(repo, report, point, expected, opts):
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _compare_source(repo, report, point, expected, block_size, opts, params):
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
+def _comparable_sources():
+    """Source classes with the compare hook, by the ``source.type`` a point records."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.rbd import RbdSource
 
+    return {RbdSource.kind: RbdSource}
+
+
+def _compare_source(repo, report, point, expected, block_size, opts, params):
     name = point["name"]
     src = point.get("source") or {}
     snapshot = point.get("snapshot")
     info = dict(compared=False, point=name, snapshot=snapshot)
     report.source = info
-    if src.get("type") != "rbd" or not src.get("pool") or not src.get("image") or not snapshot:
-        info["reason"] = "point %s records no RBD source snapshot" % name
+    cls = _comparable_sources().get(src.get("type"))
+    spec = cls.describe_point(point) if cls else None
+    if spec is None:
+        info["reason"] = "point %s records no source snapshot that can be compared (source type %s)" % (
+            name, src.get("type"))
         return
-    spec = _rbd.spec(src["pool"], src["image"], src.get("namespace"), snapshot)
     info["spec"] = spec
     try:
-        with _rbd.session(params, src["pool"], src.get("namespace")) as sess:
-            try:
-                with sess.image(src["image"], snapshot=snapshot) as img:
-                    reason = _source_mismatch(img, src, snapshot, _rbd)
-                    if reason:
-                        info["reason"] = reason
-                        return
-                    if img.size() != point["size"]:
-                        report.problem(name, None, "point %s has %d bytes but its source snapshot %s has %d"
-                                       % (name, point["size"], spec, img.size()))
-                        return
-                    result = check_blocks(RbdReader(img, _rbd.rbd, _rbd.changed_extents), expected, point["size"],
-                                          block_size, ppm=opts["ppm"], seed=point_seed(opts["seed"], name),
-                                          parallel=opts["parallel"], limit=opts["limit"], digest=repo.block_digest)
-            except NotFoundError as exc:
-                info["reason"] = "the source snapshot is gone: %s" % exc.msg
+        with cls.at_point(params, point) as source:
+            reason = source.compare_problem(point)
+            if reason:
+                info["reason"] = reason
                 return
-    except (CephError, NotFoundError, InputError, TransferError) as exc:
+            if source.size != point["size"]:
+                report.problem(name, None, "point %s has %d bytes but its source snapshot %s has %d"
+                               % (name, point["size"], spec, source.size))
+                return
+            result = check_blocks(source, expected, point["size"], block_size, ppm=opts["ppm"],
+                                  seed=point_seed(opts["seed"], name), parallel=opts["parallel"],
+                                  limit=opts["limit"], digest=repo.block_digest)
+    except NotFoundError as exc:
+        info["reason"] = "the source snapshot is gone: %s" % exc.msg
+        return
+    except (CephError, InputError, TransferError) as exc:
         report.error(CHECK_SOURCE, name, "cannot compare point %s with %s: %s" % (name, spec, exc.msg))
         return
     info.update(result.as_dict(), compared=True)
     report.add_mismatches(name, CHECK_SOURCE, result, block_size, point["size"])
-
-
-def _source_mismatch(img, src, snapshot, _rbd):
-    """Why the snapshot found is not the one the point was taken from, or None."""
-    try:
-        image_id = img.id()
-    except _rbd.rbd.Error:
-        image_id = None
-    if src.get("image_id") and image_id and image_id != src["image_id"]:
-        return "the image was re-created (id %s, the point was taken from id %s)" % (image_id, src["image_id"])
-    if src.get("snapshot_id") is not None:
-        ids = [s["id"] for s in _rbd.list_snapshots(img) if s["name"] == snapshot]
-        if ids and ids[0] != src["snapshot_id"]:
-            return "snapshot %s was re-created (id %s, the point was taken from id %s)" % (
-                snapshot, ids[0], src["snapshot_id"])
-    return None
 
 
 # -- marking and the result ---------------------------------------------------------------------

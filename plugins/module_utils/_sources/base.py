@@ -41,6 +41,12 @@ A source is one disk at one moment.  The flow calls, in this order, under the re
     A killed run journalled ``record``; remove what it created unless ``referenced`` (a point
     of the manifest uses it).  Returns a description of what was removed or None.
 
+Verify's compare hook: ``Cls.at_point(params, point)`` (a context manager) opens the source of a
+point as it is now, at the point's moment (NotFoundError when that is gone); ``describe_point``
+names it for messages; ``compare_problem(point)`` says why it is not the moment the point was
+taken from (a re-created image or snapshot); ``zero_extents(offset, length)`` lists regions known
+to read as zeroes, which the comparison need not read.
+
 A source also has ``read(offset, length) -> bytes`` (thread-safe: the copy engine calls it from
 many threads) and ``size``.  LVM, ZFS and ploop sources are one more file here each, plus their
 ``_cli`` wrapper.
@@ -120,6 +126,12 @@ class Source:
 
     def read(self, offset, length):
         raise NotImplementedError
+
+    def zero_extents(self, offset, length):
+        return []
+
+    def compare_problem(self, point):
+        return None
 
     def copy(self, sink, parent, base, repo, parallel):
         extents = self.changed_extents(parent)

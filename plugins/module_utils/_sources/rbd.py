@@ -17,12 +17,13 @@ parent); the newest stays as the next run's base.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     InputError, NotFoundError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source
 
 GRANULARITIES = ("auto", "exact", "object")
@@ -81,6 +82,7 @@ class RbdSource(Source):
         self.img = None
         self.snap = None
         self._stack = contextlib.ExitStack()
+        self._diff_lock = threading.Lock()
         if snapshot is not None and self.find_snapshot(snapshot) is None:
             raise NotFoundError("snapshot %s does not exist" % self.spec(snapshot))
 
@@ -183,6 +185,56 @@ class RbdSource(Source):
         _rbd.remove_snapshot(self.head, name)
         self.snaps = [s for s in self.snaps if s["name"] != name]
         return "snapshot %s (made by a run that was killed before its point was published)" % self.spec(name)
+
+    # -- verify's compare hook ---------------------------------------------------------------
+    @classmethod
+    @contextlib.contextmanager
+    def at_point(cls, params, point):
+        """The source of ``point`` opened read-only at the point's snapshot (NotFoundError if gone)."""
+        src = point.get("source") or {}
+        with _rbd.session(params, src["pool"], src.get("namespace")) as sess:
+            with sess.image(src["image"], read_only=True) as head:
+                source = cls(sess, src["image"], head, snapshot=point["snapshot"])
+                try:
+                    source.prepare(None)
+                    yield source
+                finally:
+                    source.close()
+
+    @staticmethod
+    def describe_point(point):
+        src = point.get("source") or {}
+        if not (src.get("pool") and src.get("image") and point.get("snapshot")):
+            return None
+        return _rbd.spec(src["pool"], src["image"], src.get("namespace"), point["snapshot"])
+
+    def compare_problem(self, point):
+        """Why this snapshot is not the one ``point`` was taken from (re-created image or snapshot), or None."""
+        src = point.get("source") or {}
+        if src.get("image_id") and src["image_id"] != self.image_id:
+            return "the image was re-created (id %s, the point was taken from id %s)" % (self.image_id, src["image_id"])
+        if src.get("snapshot_id") is not None and self.snap["id"] != src["snapshot_id"]:
+            return "snapshot %s was re-created (id %s, the point was taken from id %s)" % (
+                self.snapshot, self.snap["id"], src["snapshot_id"])
+        return None
+
+    def zero_extents(self, offset, length):
+        """What diff_iterate from the image's creation (whole objects, parent included) does not
+        report as existing, inside ``[offset, offset + length)``: known zeroes, not read."""
+        end = min(self.size, offset + length)
+        with self._diff_lock:
+            found = _rbd.changed_extents(self.img, None, whole_object=True, offset=offset, length=end - offset)
+        out = []
+        pos = offset
+        for ext in sorted(found, key=lambda e: e.offset):
+            if ext.kind == ZERO:
+                continue
+            if ext.offset > pos:
+                out.append(Extent(pos, ext.offset - pos, ZERO))
+            pos = max(pos, ext.end)
+        if pos < end:
+            out.append(Extent(pos, end - pos, ZERO))
+        return out
 
     def identity(self):
         return dict(type=self.kind, pool=self.sess.pool, namespace=self.sess.namespace, image=self.image,
