@@ -18,7 +18,8 @@ snapshots it (s0), rewrites 1% of it with 4 KiB writes at random 4 KiB-aligned o
      defaults and with ``-W -m 16 -t none``;
   3. a full backup of s0 by the rbd_export_diff module run as a child process, exactly
      as Ansible runs it (wall time; CPU time from wait4, children included; peak RSS = VmHWM of
-     the module's own process, see module_runner.module_argv), with the module's defaults, then for writer direct x parallel 4/8/16 and writer nbd (with the 1% incremental);
+     the module's own process, see module_runner.module_argv), with the module's defaults, then
+     for writer direct x parallel 4/8/16 and writer nbd (with the 1% incremental);
   4. the 1% incremental (s0 -> s1) for granularity auto, exact and object;
   5. an incremental with no change (s1 -> s2).
 
