@@ -49,7 +49,7 @@ import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    WRITERS, ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
+    DIGEST_SIZE, WRITERS, ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, NotFoundError, RepositoryError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import parse_mode
@@ -191,21 +191,23 @@ class _Window:
 # Source mode: read everything, write what differs
 
 
-def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536, digest=block_digest):
+def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536, digest=block_digest,
+                digests=None):
     """Read all of ``source``, write to ``target`` the blocks whose digest differs from ``base``.
 
     ``base`` is the effective BlockDigests of the parent point (every block
     present) or None for a full layer without backing (then all-zero blocks are
     skipped, the others written).  Runs of changed blocks are written as one
     request per chunk; changed blocks that are all zero become ``target.zero``.
-    Returns ``(Stats, BlockDigests of the blocks written)``.
+    Returns ``(Stats, BlockDigests of the blocks written)``: ``digests`` (e.g.
+    ``Pending.new_digests()``) filled run by run, or a new in-memory one.
     """
     if chunk % block_size:
         raise ValueError("chunk must be a multiple of block_size")
     chunk = chunk_for(parallel, chunk, block_size)
     size = source.size
     stats = Stats()
-    digests = BlockDigests(block_size)
+    digests = BlockDigests(block_size) if digests is None else digests
 
     def job(offset, length):
         data = source.read(offset, length)
@@ -228,15 +230,19 @@ def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
             run[0] = run[1] = None
 
         first = offset // block_size
+        olds = base.run(first, first + -(-length // block_size)) if base is not None else None
         for i, pos in enumerate(range(0, length, block_size)):
             n = min(block_size, length - pos)
             got = digest(data[pos:pos + n])
             index = first + i
-            old = ZERO_DIGEST if base is None else base.get(index, ZERO_DIGEST)
+            old = ZERO_DIGEST if olds is None else olds[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
             if got == old:
                 close_run(pos)
                 continue
-            changed.append((index, got))
+            if changed and changed[-1][0] + len(changed[-1][1]) // DIGEST_SIZE == index:
+                changed[-1][1] += got
+            else:
+                changed.append([index, bytearray(got)])  # runs of consecutive changed blocks
             kind = ZERO if got == ZERO_DIGEST else "data"
             if run[1] != kind:
                 close_run(pos)
@@ -246,8 +252,8 @@ def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
 
     def on_result(result):
         length, changed, counters = result
-        for index, value in changed:
-            digests[index] = value
+        for index, values in changed:
+            digests.set_run(index, values)
         stats.bytes_read += length
         stats.bytes_written += counters[0]
         stats.zero_bytes += counters[1]
@@ -265,7 +271,7 @@ def scan_source(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
 
 
 def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, readback_chunk=DEFAULT_CHUNK,
-                digest=block_digest):
+                digest=block_digest, digests=None):
     """Apply the records of ``reader`` (a DiffReader) to ``target``; return ``(Stats, BlockDigests, readback)``.
 
     ``parent_size`` is the size of the point the layer is backed by (None for a
@@ -277,14 +283,13 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
     size = reader.size
     nblocks = -(-size // block_size)
     stats = Stats()
-    digests = BlockDigests(block_size)
+    digests = BlockDigests(block_size) if digests is None else digests
     readback = set()
 
     if parent_size is not None and parent_size != size:
         if size > parent_size:
             # past the parent's end the layer reads zeroes whatever an older, larger layer held
-            for index in range(-(-parent_size // block_size), nblocks):
-                digests[index] = ZERO_DIGEST
+            digests.set_zero_run(-(-parent_size // block_size), nblocks)
         for edge in (parent_size, size):
             if edge % block_size and edge // block_size < nblocks:
                 readback.add(edge // block_size)
@@ -316,8 +321,7 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
     def on_result(result):
         out, written, zeroed = result
         if isinstance(out, tuple):
-            for index in range(*out):
-                digests[index] = ZERO_DIGEST
+            digests.set_zero_run(*out)
         else:
             for index, value in out:
                 digests[index] = value
@@ -382,6 +386,12 @@ def choose_source_base(repo, size, force_full=False):
         return None, None, "the last point %s is marked bad" % latest["name"]
     if latest["size"] != size:
         return None, None, "the source size changed from %d to %d bytes" % (latest["size"], size)
+    if not repo.digests_keyed(latest["name"]):
+        # "Unchanged" is decided by comparing digests of guest-written data: with an unkeyed
+        # digest a guest could craft a block that collides with the old one and keep it stale.
+        return None, None, ("digests not keyed: the block digests of the last point %s are %s, which a guest "
+                            "could make collide; this backup starts a new segment with keyed digests"
+                            % (latest["name"], repo.point_digest_algorithm(latest["name"])))
     try:
         base = repo.effective_digests(latest["name"])
     except RepositoryError as exc:
@@ -553,8 +563,8 @@ def _publish(repo, pending, stats, digests, snapshot, source, reason, extra):
 def _write_source_point(repo, src, name, parent, base, reason, params, opts):
     with repo.begin_point(name, src.size, parent=parent and parent["name"], create=False) as pending:
         with layer_sink(pending, opts["writer"], opts["parallel"], opts["cache"]) as sink:
-            stats, digests = scan_source(src, sink, base=base, parallel=opts["parallel"],
-                                         digest=repo.block_digest, block_size=repo.block_size)
+            stats, digests = scan_source(src, sink, base=base, parallel=opts["parallel"], digests=pending.new_digests(),
+                                         digest=pending.block_digest, block_size=repo.block_size)
         if src.current_size() != src.size:
             raise TransferError("source %s changed size during the backup (%d, now %d bytes): not a snapshot?"
                                 % (src.path, src.size, src.current_size()), path=src.path)
@@ -568,7 +578,8 @@ def _write_diff_point(repo, reader, name, parent, reason, snapshot, params, opts
     # blocks are read back through the backing chain for their digests.
     with repo.begin_point(name, reader.size, parent=parent and parent["name"], create=False) as pending:
         with layer_sink(pending, "nbd", opts["parallel"], opts["cache"]) as sink:
-            stats, digests, readback = replay_diff(reader, sink, digest=repo.block_digest,
+            stats, digests, readback = replay_diff(reader, sink, digest=pending.block_digest,
+                                                   digests=pending.new_digests(),
                                                    parent_size=parent and parent["size"],
                                                    parallel=opts["parallel"], block_size=repo.block_size)
         source = dict(type="rbd_diff", path=os.path.abspath(params["diff"]), from_snap=reader.from_snap,

@@ -261,12 +261,9 @@ def _append_point(sess, repo, image, snapshot, parent, params, parallel):
                             params.get("nbd_cache") or "none") as sink:
                 if hasattr(sink, "reserve"):
                     sink.reserve(sum(ext.length for ext in extents if ext.kind == DATA))
-                stats, digests = copy_extents(RbdSource(img), extents, sink, parallel=parallel,
-                                              digest=repo.block_digest,
-                                              chunk=DEFAULT_CHUNK, block_size=repo.block_size)
-            block_digests = _chain.BlockDigests(repo.block_size)
-            for index, digest in digests.items():
-                block_digests[index] = digest
+                stats, block_digests = copy_extents(RbdSource(img), extents, sink, parallel=parallel,
+                                                    digest=pending.block_digest, digests=pending.new_digests(),
+                                                    chunk=DEFAULT_CHUNK, block_size=repo.block_size)
             run = stats.as_dict()
             extra = dict(mb_per_s=run["mb_per_s"], granularity=params.get("granularity") or "auto",
                          from_snapshot=from_snapshot)

@@ -19,7 +19,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    ZERO_DIGEST, BlockDigests, Repository, block_digest, default_digest)
+    ZERO_DIGEST, BlockDigests, Repository, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, LockedError, NotFoundError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
@@ -50,18 +50,22 @@ def point_bytes(repo, name, tmp_path):
     return raw.read_bytes()
 
 
-def digests_of(data):
-    """What a new repository records (xxh3-128 where python3-xxhash is installed)."""
+def unkeyed(data):
+    return block_digest(data, "xxh3-128")
+
+
+def digests_of(data, digest=unkeyed):
+    """The digests of ``data`` block by block (``digest``: a repository's ``digest_for(point)``)."""
     out = BlockDigests(BS)
     for index, pos in enumerate(range(0, len(data), BS)):
-        out.add(index, data[pos:pos + BS], default_digest())
+        out[index] = digest(data[pos:pos + BS])
     return out
 
 
 def assert_point_is(repo, name, data, tmp_path):
     """Converted point == data (sha256), and its effective digests are exact."""
     assert sha(point_bytes(repo, name, tmp_path)) == sha(bytes(data)), name
-    assert repo.effective_digests(name) == digests_of(bytes(data)), name
+    assert repo.effective_digests(name) == digests_of(bytes(data), repo.digest_for(name)), name
 
 
 def no_partials(repo):
@@ -317,7 +321,7 @@ def test_scan_source_without_nbd():
     target = Target()
     stats, digests = _append.scan_source(Source(bytes(new)), target, base=digests_of(bytes(old)), parallel=2,
                                          chunk=4 * BS, block_size=BS,
-                                         digest=lambda data: block_digest(data, default_digest()))
+                                         digest=unkeyed)
     assert sorted(target.calls) == [("w", 0, 2 * BS), ("w", 7 * BS, BS), ("z", 3 * BS, BS)]
     assert (stats.bytes_written, stats.zero_bytes, stats.extents) == (3 * BS, BS, 3)
     assert sorted(digests) == [0, 1, 3, 7]
@@ -454,7 +458,7 @@ def test_malformed_diff_leaves_nothing(tmp_path, damage, message):
     assert len(repo.names()) == 1
     assert no_partials(repo) == [] and repo.orphans() == []
     assert sorted(os.listdir(repo.disk_dir)) == sorted([".lock", "manifest.json", repo.names()[0] + ".qcow2",
-                                                        repo.names()[0] + ".digests"])
+                                                        repo.names()[0] + ".digests", "digest.key"])
 
 
 def test_block_runs():
