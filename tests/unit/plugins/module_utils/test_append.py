@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -18,6 +19,7 @@ import pytest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import append as _append
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _repository
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     ZERO_DIGEST, BlockDigests, Repository, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
@@ -326,6 +328,73 @@ def test_scan_source_without_nbd():
     assert (stats.bytes_written, stats.zero_bytes, stats.extents) == (3 * BS, BS, 3)
     assert sorted(digests) == [0, 1, 3, 7]
     assert BlockDigests.merged([digests_of(bytes(old)), digests], size=len(new)) == digests_of(bytes(new))
+
+
+# -- the unchanged-block decision and unkeyed digests (issue 10, defect 8) ---------------------
+
+class CollidingXxh3:
+    """SIMULATED FAULT: an xxh3-128 under which two blocks that differ only past their first
+    4 KiB collide, as blocks a guest crafted would (no real xxh3 collision is at hand).  Installed
+    in place of the xxhash module, so every xxh3-128 digest of the run collides this way."""
+
+    real = _repository.xxhash
+
+    @classmethod
+    def xxh3_128_digest(cls, data):
+        return cls.real.xxh3_128_digest(bytes(data)[:4096])
+
+
+def collide(disk, block):
+    """Change ``block`` of the source past its first 4 KiB: the same digest under CollidingXxh3."""
+    data = bytearray(disk.data)
+    data[block * BS + 8192:block * BS + 8200] = os.urandom(8)
+    disk.write(data)
+
+
+def as_old_repository(chain, algorithm):
+    """The manifest as an older version wrote it: one algorithm for the repository, none per point."""
+    path = os.path.join(chain, "manifest.json")
+    with open(path) as f:
+        doc = json.load(f)
+    doc["digest"] = algorithm
+    for point in doc["points"]:
+        point.pop("digest", None)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def test_a_digest_scan_onto_unkeyed_digests_starts_a_new_segment(disk, tmp_path, monkeypatch):
+    monkeypatch.setattr(_repository, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
+    with monkeypatch.context() as older:
+        older.setattr(_repository, "default_digest", lambda: "xxh3-128")  # as an older version wrote it
+        first = disk.backup()
+    as_old_repository(disk.chain, "xxh3-128")
+    before = bytes(disk.data)
+    collide(disk, 5)
+    second = disk.backup()
+    assert second["full"] and second["parent"] is None
+    assert second["full_reason"].startswith("digests not keyed: the block digests of the last point %s are "
+                                            "xxh3-128" % first["point"]["name"])
+    disk.check(second)  # the new data, not the stale block
+    assert second["point"]["digest"] == "blake2b-128-keyed"
+    repo = Repository(disk.chain)
+    assert repo.point_digest_algorithm(first["point"]["name"]) == "xxh3-128"
+    assert_point_is(repo, first["point"]["name"], before, tmp_path)  # the old point's digests still hold
+    collide(disk, 5)
+    third = disk.backup()  # onto keyed digests: an incremental again, and not misled
+    assert not third["full"] and third["bytes_written"] == BS
+    disk.check(third)
+
+
+def test_the_keyed_decision_is_not_misled_by_an_unkeyed_collision(disk, monkeypatch):
+    monkeypatch.setattr(_repository, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
+    first = disk.backup()
+    collide(disk, 5)
+    second = disk.backup()
+    assert not second["full"] and second["parent"] == first["point"]["name"]
+    assert second["bytes_written"] == BS  # block 5 was seen as changed
+    disk.check(second)
+    assert first["point"]["digest"] == second["point"]["digest"] == "blake2b-128-keyed"
 
 
 # -- diff mode ---------------------------------------------------------------------------------
