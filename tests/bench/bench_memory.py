@@ -206,10 +206,12 @@ def main(argv=None):
             gib, r["digests"], r["rss_after_copy_mb"], r["rss_after_publish_mb"], r["rss_mb"], r["seconds"],
             r["digests_file_bytes"] / 1e6, "OK" if ok else "OVER"))
     print()
-    print("2. Block digest cost, 64 KiB blocks, one thread (%.3g GiB each):" % args.digest_gib)
-    print("   %-20s %8s %14s" % ("algorithm", "GiB/s", "CPU s per GiB"))
+    print("2. Block digest cost, 64 KiB blocks, one thread (%.3g GiB each); GiB per CPU second (wall-clock"
+          % args.digest_gib)
+    print("   rate in brackets: it drops when other processes share the cores):")
+    print("   %-20s %14s %14s %14s" % ("algorithm", "CPU s per GiB", "GiB/s (CPU)", "(GiB/s wall)"))
     for algorithm, rate, cpu in digest_costs(args.digest_gib):
-        print("   %-20s %8.2f %14.3f" % (algorithm, rate, cpu))
+        print("   %-20s %14.3f %14.2f %14s" % (algorithm, cpu, 1 / cpu if cpu else float("inf"), "(%.2f)" % rate))
     return 0
 
 
