@@ -206,7 +206,8 @@ def digest_function(algorithm, key=None):
         raise RepositoryError("this repository's block digests are xxh3-128: install python3-xxhash on this host")
     if algorithm in KEYED_DIGESTS:
         if not isinstance(key, bytes) or len(key) != KEY_SIZE:
-            raise RepositoryError("block digest algorithm %s needs the repository's %d-byte key" % (algorithm, KEY_SIZE))
+            raise RepositoryError("block digest algorithm %s needs the repository's %d-byte key"
+                                  % (algorithm, KEY_SIZE))
         return KEYED_DIGESTS[algorithm](key)
     return UNKEYED_DIGESTS[algorithm]
 

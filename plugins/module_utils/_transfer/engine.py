@@ -29,7 +29,8 @@ import threading
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import BlockDigests, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
+    BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent

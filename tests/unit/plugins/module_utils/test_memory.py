@@ -5,7 +5,8 @@
 
 SYNTHETIC: tests/bench/bench_memory.py's child process backs up a generated source (every block
 DATA and non-zero, so every block is digested) through the real path (copy_extents, the direct
-qcow2 writer, Pending.new_digests, publish with qemu-img check, effective_digests), the writer
+qcow2 writer, Pending.new_digests, publish with qemu-img check, effective_digests, then a digest
+scan of the same source onto that point as qcow2_chain_append's source mode does), the writer
 discarding the data clusters (a sparse layer: no 64 GiB of disk needed).  Its own VmHWM is
 measured, in a child so that this test's memory does not count.  The 1 TiB figure:
 ``.venv/bin/python tests/bench/bench_memory.py``.
@@ -33,7 +34,8 @@ def test_full_backup_peak_rss_is_bounded_and_flat(tmp_path):
     small = bench_memory.run_child(GiB, str(tmp_path / "small"), timeout=600)
     big = bench_memory.run_child(64 * GiB, str(tmp_path / "big"), timeout=900)
     assert big["digests"] == big["effective_blocks"] == 64 * GiB // 65536  # every block digested and merged
-    assert big["bytes_read"] == 64 * GiB and not big["leftovers"] and not small["leftovers"]
+    assert big["bytes_read"] == big["scan_read"] == 64 * GiB and big["scan_written"] == 0  # the scan: unchanged
+    assert not big["leftovers"] and not small["leftovers"]
     assert big["rss_mb"] < bench_memory.TARGET_RSS_MB, big
     # 1 million blocks more cost their presence map (1 MB), nothing per block beyond that: before the
     # fix, copy_extents' dict alone was ~123 MB here and the digests file was built in memory
