@@ -319,13 +319,13 @@ def test_source_comparison_catches_a_bad_diff(args):
     with _nbd.QemuNbd(layer(chain, parent), read_only=True) as server:
         with server.pool(1) as pool:
             old = dict((g // BS, bytes(pool.pread(BS, g))) for g in guest)
-    algorithm = Repository(chain).load().digest_algorithm
-    index = next(i for i in sorted(old) if i in digests and block_digest(old[i], algorithm) != digests[i])
+    digest = Repository(chain).load().digest_for(latest)  # the point's algorithm (keyed: with the repository's key)
+    index = next(i for i in sorted(old) if i in digests and digest(old[i]) != digests[i])
     with _nbd.QemuNbd(layer(chain, latest), cache="writeback") as server:
         with server.pool(1) as pool:
             pool.pwrite(old[index], index * BS)
             pool.flush()
-    digests[index] = block_digest(old[index], algorithm)
+    digests[index] = digest(old[index])
     digests.save(os.path.join(chain, latest + ".digests"))
 
     verify(args, points="all")  # consistent with its own digests

@@ -124,7 +124,7 @@ def _already(result, point):
 def _write(repo, source, name, parent, base, reason, writer, parallel, cache, extra, published):
     with repo.begin_point(name, source.size, parent=parent and parent["name"], create=False) as pending:
         with layer_sink(pending, source.writer or writer, parallel, cache) as sink:
-            stats, digests, source_extra = source.copy(sink, parent, base, repo, parallel)
+            stats, digests, source_extra = source.copy(sink, parent, base, pending, parallel)
         run = stats.as_dict()
         fields = dict(extra or {}, **source_extra)
         fields.update(mb_per_s=run["mb_per_s"], full_reason=reason)

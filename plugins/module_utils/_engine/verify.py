@@ -566,6 +566,7 @@ def _run_checks(repo, report, opts, params, _nbd):
 def _expected(repo, report, point):
     """The point's effective digests, or None (a problem recorded) when they cannot be had."""
     try:
+        repo.digest_for(point["name"])  # a keyed digest whose key is missing or unsafe: recorded here
         return repo.effective_digests(point["name"])
     except (RepositoryError, NotFoundError) as exc:
         if point["name"] not in report.bad:  # else the structure check said why already
@@ -757,7 +758,7 @@ def _check_point_data(repo, report, point, expected, opts, _nbd):
                     out["skipped"] = "size differs"
                     return out
                 result = check_blocks(NbdReader(pool), expected, point["size"], block_size, ppm=opts["ppm"],
-                                      digest=repo.block_digest,
+                                      digest=repo.digest_for(name),
                                       seed=seed, parallel=opts["parallel"], limit=opts["limit"])
             finally:
                 pool.close()
@@ -818,7 +819,7 @@ def _drill(repo, report, point, expected, opts):
                                % (name, reader.size, point["size"]))
                 return
             result = check_blocks(reader, expected, point["size"], repo.block_size, parallel=opts["parallel"],
-                                  digest=repo.block_digest,
+                                  digest=repo.digest_for(name),
                                   limit=opts["limit"])
         finally:
             reader.close()
@@ -862,7 +863,7 @@ def _compare_source(repo, report, point, expected, block_size, opts, params):
                 return
             result = check_blocks(source, expected, point["size"], block_size, ppm=opts["ppm"],
                                   seed=point_seed(opts["seed"], name), parallel=opts["parallel"],
-                                  limit=opts["limit"], digest=repo.block_digest)
+                                  limit=opts["limit"], digest=repo.digest_for(name))
     except NotFoundError as exc:
         info["reason"] = "the source snapshot is gone: %s" % exc.msg
         return

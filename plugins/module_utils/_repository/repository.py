@@ -37,7 +37,9 @@ import copy
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
+import io
 import itertools
 import json
 import operator
@@ -74,7 +76,7 @@ FORMAT = 1
 DEFAULT_BLOCK_SIZE = 65536
 
 # Filled in by the repository; callers cannot set them through publish().
-STRUCTURAL_FIELDS = ("name", "layer", "parent", "segment", "size", "digests", "bad")
+STRUCTURAL_FIELDS = ("name", "layer", "parent", "segment", "size", "digests", "digest", "bad")
 # What a caller reports about the run that made a point, with their defaults.
 RUN_FIELDS = {
     "created": None,
@@ -139,6 +141,9 @@ ZERO_DIGEST = bytes(DIGEST_SIZE)  # stands for "this block reads as zeroes", wha
 _DIGESTS_MAGIC = b"SCBDIG\x00\x01"
 _DIGESTS_HEADER = struct.Struct("<8sIIQ")  # magic, block size, digest size, record count
 _RECORD = 8 + DIGEST_SIZE  # u64 little-endian block index + digest
+_BATCH = 65536  # blocks handled at once when a digests file is written, read or merged (1.5 MiB of records)
+KEY_FILE = "digest.key"
+KEY_SIZE = 32
 
 
 def _blake2b_128(data):
@@ -149,57 +154,198 @@ def _xxh3_128(data):
     return xxhash.xxh3_128_digest(data)
 
 
-# Block digest algorithms, by the name a manifest records in its "digest" field.  xxh3-128
-# (python3-xxhash) hashes at >10 GB/s where blake2b manages ~0.6 GB/s on the same core: it
-# detects corruption and bad diffs as well, and keeps a full backup from being bound by hashing.
-DIGEST_FUNCTIONS = {"blake2b-128": _blake2b_128, "xxh3-128": _xxh3_128}
+def _blake2b_128_keyed(key):
+    def digest(data):
+        return hashlib.blake2b(data, digest_size=DIGEST_SIZE, key=key).digest()
+    return digest
+
+
+# Block digest algorithms, by the name a manifest (or a point) records in its "digest" field.
+#
+# blake2b-128-keyed (BLAKE2b keyed by the repository's secret, KEY_FILE) is what new segments
+# use: a backup that reads a raw file or device decides "unchanged" by comparing digests of
+# guest-controlled data, and without the key a guest cannot make two blocks collide.
+# xxh3-128 (python3-xxhash, >10 GB/s) and blake2b-128 (unkeyed) are kept to read and verify
+# the points written before; tests/bench/bench_memory.py prints what each costs per GiB.
+UNKEYED_DIGESTS = {"blake2b-128": _blake2b_128, "xxh3-128": _xxh3_128}
+KEYED_DIGESTS = {"blake2b-128-keyed": _blake2b_128_keyed}
+DIGEST_FUNCTIONS = dict(UNKEYED_DIGESTS, **KEYED_DIGESTS)  # the names a manifest may record
 LEGACY_DIGEST = "blake2b-128"  # manifests written before the field existed
+KEYED_DIGEST = "blake2b-128-keyed"
 
 
 def default_digest():
-    """The algorithm for a new repository: xxh3-128 where python3-xxhash is installed."""
-    return "xxh3-128" if HAS_XXHASH else "blake2b-128"
+    """The algorithm of a new segment: BLAKE2b keyed by the repository's secret."""
+    return KEYED_DIGEST
 
 
-def digest_function(algorithm):
+def is_keyed(algorithm):
+    return algorithm in KEYED_DIGESTS
+
+
+def digest_function(algorithm, key=None):
+    """The raw 16-byte digest function of ``algorithm`` (``key``: the repository's secret, for a keyed one)."""
     if algorithm not in DIGEST_FUNCTIONS:
         raise RepositoryError("unknown block digest algorithm %r (known: %s)"
                               % (algorithm, ", ".join(sorted(DIGEST_FUNCTIONS))))
     if algorithm == "xxh3-128" and not HAS_XXHASH:
         raise RepositoryError("this repository's block digests are xxh3-128: install python3-xxhash on this host")
-    return DIGEST_FUNCTIONS[algorithm]
+    if algorithm in KEYED_DIGESTS:
+        if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+            raise RepositoryError("block digest algorithm %s needs the repository's %d-byte key"
+                                  % (algorithm, KEY_SIZE))
+        return KEYED_DIGESTS[algorithm](key)
+    return UNKEYED_DIGESTS[algorithm]
+
+
+class Digester:
+    """``digester(data)``: the block digest of one algorithm (and key), ZERO_DIGEST for all-zero data.
+
+    The key is held here and nowhere else; ``repr`` never shows it.
+    """
+
+    def __init__(self, algorithm, key=None):
+        self.algorithm = algorithm
+        self.keyed = is_keyed(algorithm)
+        self._fn = digest_function(algorithm, key)
+
+    def __call__(self, data):
+        # Exactly all zero, never "hashes like zeroes": a guest could craft a block whose unkeyed
+        # digest equals that of a zero block.
+        if all_zero(data):
+            return ZERO_DIGEST
+        return self._fn(data)
+
+    def __repr__(self):
+        return "Digester(%s)" % self.algorithm
+
+
+@functools.lru_cache(maxsize=8)
+def _unkeyed_digester(algorithm):
+    return Digester(algorithm)
 
 
 def block_digest(data, algorithm=LEGACY_DIGEST):
-    """16-byte digest of a block's bytes, or ZERO_DIGEST when they are all zero."""
-    fn = digest_function(algorithm)
-    # Exactly all zero, never "hashes like zeroes": a guest could craft a block whose unkeyed
-    # digest equals that of a zero block.
-    if all_zero(data):
-        return ZERO_DIGEST
-    return fn(data)
+    """16-byte digest of a block's bytes with an UNKEYED algorithm, or ZERO_DIGEST when they are all zero.
+
+    A keyed digest needs the repository's key: ``Repository.digest_for`` / ``Pending.block_digest``.
+    """
+    return _unkeyed_digester(algorithm)(data)
+
+
+class _MemorySlots:
+    """Fixed-width digest slots in a bytearray (index * DIGEST_SIZE)."""
+
+    def __init__(self):
+        self._data = bytearray()
+
+    def reserve(self, blocks):
+        if blocks * DIGEST_SIZE > len(self._data):
+            self._data.extend(bytes(blocks * DIGEST_SIZE - len(self._data)))
+
+    def read(self, start, end):
+        data = bytes(self._data[start * DIGEST_SIZE:end * DIGEST_SIZE])
+        want = (end - start) * DIGEST_SIZE
+        return data + bytes(want - len(data)) if len(data) < want else data
+
+    def write(self, start, data):
+        self._data[start * DIGEST_SIZE:start * DIGEST_SIZE + len(data)] = data
+
+    def truncate(self, blocks):
+        del self._data[blocks * DIGEST_SIZE:]
+
+    def close(self):
+        self._data = bytearray()
+
+
+class _FileSlots:
+    """Fixed-width digest slots in a file of our own (a hole reads as ZERO_DIGEST).
+
+    os.pread/os.pwrite at fixed offsets: safe from many threads, and what the process
+    holds in memory stays the same whatever the disk size (the page cache holds the rest).
+    """
+
+    def __init__(self, path):
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            self._fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            raise RepositoryError("cannot create the digests spool %s: %s" % (path, exc.strerror), path=path)
+        self.path = path
+
+    def reserve(self, blocks):
+        pass
+
+    def read(self, start, end):
+        want = (end - start) * DIGEST_SIZE
+        data = os.pread(self._fd, want, start * DIGEST_SIZE)
+        return data + bytes(want - len(data)) if len(data) < want else data
+
+    def write(self, start, data):
+        view = memoryview(data)
+        offset = start * DIGEST_SIZE
+        while view:
+            try:
+                done = os.pwrite(self._fd, view, offset)
+            except OSError as exc:
+                raise RepositoryError("cannot write the digests spool %s: %s" % (self.path, exc.strerror),
+                                      path=self.path)
+            view, offset = view[done:], offset + done
+
+    def truncate(self, blocks):
+        if os.fstat(self._fd).st_size > blocks * DIGEST_SIZE:
+            os.ftruncate(self._fd, blocks * DIGEST_SIZE)
+
+    def close(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def __del__(self):
+        self.close()
 
 
 class BlockDigests:
     """Block index -> 16-byte digest, for one layer (the blocks it wrote) or a whole point.
 
-    Stored densely (16 bytes + 1 byte per block up to the highest index), so a
-    1 TiB disk at 64 KiB blocks costs about 270 MiB in memory whatever the mix.
+    A presence map (one byte per block up to the highest index) and fixed-width digest
+    slots, in memory or, with ``spool`` (a path, created 0600 and removed by ``close()``),
+    in a file: then the process holds 1 byte per block (16 MiB for 1 TiB at 64 KiB blocks)
+    whatever the mix, and never a Python object per block.  Writers fill it run by run
+    (``set_run``, ``set_zero_run``); the file form is written and read in bounded batches.
 
     File form: header (magic, block size, digest size, count), then ``count``
     records (u64 LE index, 16-byte digest) in increasing index order, then a
     16-byte blake2b of everything before it.
     """
 
-    def __init__(self, block_size=DEFAULT_BLOCK_SIZE):
+    def __init__(self, block_size=DEFAULT_BLOCK_SIZE, spool=None):
         if not isinstance(block_size, int) or block_size < 512 or block_size & (block_size - 1):
             raise InputError("block size must be a power of two >= 512, not %r" % (block_size,))
         self.block_size = block_size
-        self._data = bytearray()
+        self._slots = _FileSlots(spool) if spool else _MemorySlots()
         self._present = bytearray()
         self._count = 0
 
-    digest = staticmethod(block_digest)
+    @property
+    def spooled(self):
+        return isinstance(self._slots, _FileSlots)
+
+    def close(self):
+        """Forget everything (and remove the spool file, if any)."""
+        self._slots.close()
+        self._present = bytearray()
+        self._count = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
 
     def blocks(self, size):
         """How many blocks cover ``size`` bytes."""
@@ -209,21 +355,40 @@ class BlockDigests:
         if blocks > len(self._present):
             grow = max(blocks, 2 * len(self._present), 1024) - len(self._present)
             self._present.extend(bytes(grow))
-            self._data.extend(bytes(grow * DIGEST_SIZE))
+            self._slots.reserve(len(self._present))
+
+    def reserve(self, blocks):
+        """Size the presence map for ``blocks`` blocks at once (no growth by doubling later)."""
+        if blocks > len(self._present):
+            self._present.extend(bytes(blocks - len(self._present)))
+            self._slots.reserve(blocks)
 
     def __setitem__(self, index, digest):
         if not isinstance(index, int) or index < 0:
             raise ValueError("block index must be an int >= 0, not %r" % (index,))
         if len(digest) != DIGEST_SIZE:
             raise ValueError("a block digest is %d bytes, not %d" % (DIGEST_SIZE, len(digest)))
-        self._reserve(index + 1)
-        self._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = digest
-        if not self._present[index]:
-            self._present[index] = 1
-            self._count += 1
+        self.set_run(index, digest)
+
+    def set_run(self, first, digests):
+        """Set blocks ``first``, ``first + 1``... to the concatenated 16-byte ``digests``."""
+        n, rest = divmod(len(digests), DIGEST_SIZE)
+        if rest or first < 0:
+            raise ValueError("set_run needs a block index >= 0 and whole %d-byte digests" % DIGEST_SIZE)
+        if not n:
+            return
+        self._reserve(first + n)
+        self._slots.write(first, digests)
+        self._count += n - self._present.count(1, first, first + n)
+        self._present[first:first + n] = b"\x01" * n
+
+    def set_zero_run(self, first, end):
+        """Blocks ``first``..``end - 1`` read as zeroes (ZERO_DIGEST), written in bounded pieces."""
+        for start in range(first, end, _BATCH):
+            self.set_run(start, bytes(min(_BATCH, end - start) * DIGEST_SIZE))
 
     def add(self, index, data, algorithm=LEGACY_DIGEST):
-        """Record the digest of ``data`` (the block's bytes) for ``index``; returns the digest."""
+        """Record the digest of ``data`` (the block's bytes) for ``index`` (an unkeyed algorithm); returns it."""
         digest = block_digest(data, algorithm)
         self[index] = digest
         return digest
@@ -231,10 +396,15 @@ class BlockDigests:
     def __getitem__(self, index):
         if not self.__contains__(index):
             raise KeyError(index)
-        return bytes(self._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+        return self._slots.read(index, index + 1)
 
     def get(self, index, default=None):
         return self[index] if index in self else default
+
+    def run(self, first, end):
+        """The concatenated digests of blocks ``first``..``end - 1``, ZERO_DIGEST for an absent one
+        (one read for a whole run: what a scan compares a chunk against)."""
+        return self._slots.read(first, end)
 
     def __contains__(self, index):
         return isinstance(index, int) and 0 <= index < len(self._present) and self._present[index] == 1
@@ -250,23 +420,31 @@ class BlockDigests:
         return itertools.compress(range(len(self._present)), self._present)
 
     def items(self):
-        for index in self:
-            yield index, bytes(self._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+        for start, end in self._runs():
+            for batch in range(start, end, _BATCH):
+                stop = min(end, batch + _BATCH)
+                data = self._slots.read(batch, stop)
+                for k in range(stop - batch):
+                    yield batch + k, data[k * DIGEST_SIZE:(k + 1) * DIGEST_SIZE]
 
     def __eq__(self, other):
         if not isinstance(other, BlockDigests):
             return NotImplemented
         return self.block_size == other.block_size and list(self.items()) == list(other.items())
 
-    def _runs(self):
-        """(start, end) of each run of present blocks."""
+    def _runs(self, limit=None):
+        """(start, end) of each run of present blocks, at most ``limit`` blocks long."""
         present = self._present
         start = present.find(1)
         while start != -1:
             end = present.find(0, start)
             if end == -1:
                 end = len(present)
-            yield start, end
+            if limit:
+                for piece in range(start, end, limit):
+                    yield piece, min(end, piece + limit)
+            else:
+                yield start, end
             start = present.find(1, end)
 
     def update(self, other):
@@ -274,150 +452,179 @@ class BlockDigests:
         if other.block_size != self.block_size:
             raise RepositoryError("cannot merge digests of %d-byte blocks into %d-byte blocks"
                                   % (other.block_size, self.block_size))
-        for start, end in other._runs():
-            self._reserve(end)
-            self._present[start:end] = other._present[start:end]
-            self._data[start * DIGEST_SIZE:end * DIGEST_SIZE] = other._data[start * DIGEST_SIZE:end * DIGEST_SIZE]
-        self._count = self._present.count(1)
+        for start, end in other._runs(_BATCH):
+            self.set_run(start, other._slots.read(start, end))
         return self
 
     def truncate(self, blocks):
         """Forget every block at or past index ``blocks``."""
         if blocks < len(self._present):
             del self._present[blocks:]
-            del self._data[blocks * DIGEST_SIZE:]
+            self._slots.truncate(blocks)
             self._count = self._present.count(1)
         return self
 
     @classmethod
-    def merged(cls, layers, size=None, block_size=None, sizes=None):
+    def merged(cls, layers, size=None, block_size=None, sizes=None, spool=None):
         """What a point reads as, from its layers' digests OLDEST FIRST (newest wins).
 
         With ``size`` every block of the disk is present: blocks no layer wrote
         read as zeroes (ZERO_DIGEST), blocks past the end are dropped.  ``sizes``
         (each layer's virtual size) replays shrinks and grows: what a shrink cut
         off reads as zeroes when a later layer grows the disk again, as in qcow2.
+        ``spool``: the result's digests go to that file (see the class).
         """
         if block_size is None:
             layers = list(layers)
             if not layers:
                 raise InputError("merged() needs a block size or at least one layer")
             block_size = layers[0].block_size
-        out = cls(block_size)
-        if size is not None:
-            blocks = out.blocks(size)
-            out._present = bytearray(b"\x01") * blocks
-            out._data = bytearray(blocks * DIGEST_SIZE)
-            out._count = blocks
-        count = 0
-        for n, layer in enumerate(layers):
-            count += 1
-            if sizes is not None and n >= len(sizes):
+        out = cls(block_size, spool=spool)
+        try:
+            if size is not None:
+                out.set_zero_run(0, out.blocks(size))
+            count = 0
+            for n, layer in enumerate(layers):
+                count += 1
+                if sizes is not None and n >= len(sizes):
+                    raise InputError("merged() needs one size per layer")
+                if sizes is not None and n > 0:
+                    if sizes[n] < sizes[n - 1]:
+                        out.truncate(out.blocks(sizes[n]))
+                    else:
+                        # Grown: blocks past the previous end read as zeroes until a layer writes them.
+                        # A previous end inside a block changes that block too: every writer puts it in
+                        # the new layer (resize_edge, the diff replay's read-back), so its digest wins below.
+                        out.set_zero_run(out.blocks(sizes[n - 1]), out.blocks(sizes[n]))
+                out.update(layer)
+            if sizes is not None and count != len(sizes):
                 raise InputError("merged() needs one size per layer")
-            if sizes is not None and n > 0:
-                if sizes[n] < sizes[n - 1]:
-                    out.truncate(out.blocks(sizes[n]))
-                else:
-                    # Grown: blocks past the previous end read as zeroes until a layer writes them.
-                    # A previous end inside a block changes that block too: every writer puts it in
-                    # the new layer (resize_edge, the diff replay's read-back), so its digest wins below.
-                    for index in range(out.blocks(sizes[n - 1]), out.blocks(sizes[n])):
-                        out[index] = ZERO_DIGEST
-            out.update(layer)
-        if sizes is not None and count != len(sizes):
-            raise InputError("merged() needs one size per layer")
-        if size is not None:
-            out.truncate(out.blocks(size))
+            if size is not None:
+                out.truncate(out.blocks(size))
+        except BaseException:
+            out.close()
+            raise
         return out
 
-    def to_bytes(self):
-        indexes = array("Q", self)
-        if indexes.itemsize != 8:
-            raise RepositoryError("this Python has no 64-bit array type")
-        digests = b"".join(self._data[s * DIGEST_SIZE:e * DIGEST_SIZE] for s, e in self._runs())
-        if sys.byteorder != "little":
-            indexes.byteswap()
-        count = len(indexes)
-        body = bytearray(count * _RECORD)
-        raw = indexes.tobytes()
-        for k in range(8):
-            body[k::_RECORD] = raw[k::8]
-        for k in range(DIGEST_SIZE):
-            body[8 + k::_RECORD] = digests[k::DIGEST_SIZE]
-        head = _DIGESTS_HEADER.pack(_DIGESTS_MAGIC, self.block_size, DIGEST_SIZE, count)
+    def _batches(self):
+        """The file form in pieces: header, record batches, trailing checksum."""
+        head = _DIGESTS_HEADER.pack(_DIGESTS_MAGIC, self.block_size, DIGEST_SIZE, self._count)
         check = hashlib.blake2b(head, digest_size=16)
-        check.update(body)
-        return head + bytes(body) + check.digest()
+        yield head
+        for start, end in self._runs(_BATCH):
+            n = end - start
+            indexes = array("Q", range(start, end))
+            if indexes.itemsize != 8:
+                raise RepositoryError("this Python has no 64-bit array type")
+            if sys.byteorder != "little":
+                indexes.byteswap()
+            raw = indexes.tobytes()
+            digests = self._slots.read(start, end)
+            body = bytearray(n * _RECORD)
+            for k in range(8):
+                body[k::_RECORD] = raw[k::8]
+            for k in range(DIGEST_SIZE):
+                body[8 + k::_RECORD] = digests[k::DIGEST_SIZE]
+            check.update(body)
+            yield body
+        yield check.digest()
+
+    def to_bytes(self):
+        return b"".join(bytes(piece) for piece in self._batches())
 
     @classmethod
     def from_bytes(cls, data, source="digests"):
+        return cls._read(io.BytesIO(bytes(data)), len(data), source)
+
+    @classmethod
+    def _read(cls, f, total, source, spool=None):
+        """Parse the file form from ``f`` (``total`` bytes long) in bounded batches."""
         head_size = _DIGESTS_HEADER.size
-        if len(data) < head_size + 16:
+        if total < head_size + 16:
             raise RepositoryError("%s: too short for a digests file" % source)
-        magic, block_size, digest_size, count = _DIGESTS_HEADER.unpack_from(data)
+        head = f.read(head_size)
+        magic, block_size, digest_size, count = _DIGESTS_HEADER.unpack_from(head)
         if magic != _DIGESTS_MAGIC:
             raise RepositoryError("%s is not a snapchain digests file (bad magic)" % source)
         if digest_size != DIGEST_SIZE:
             raise RepositoryError("%s holds %d-byte digests, expected %d" % (source, digest_size, DIGEST_SIZE))
-        if len(data) != head_size + count * _RECORD + 16:
-            raise RepositoryError("%s: size %d does not match its %d records (truncated?)" % (source, len(data), count))
-        check = hashlib.blake2b(data[:-16], digest_size=16).digest()
-        if check != bytes(data[-16:]):
-            raise RepositoryError("%s: checksum mismatch (corrupted)" % source)
+        if total != head_size + count * _RECORD + 16:
+            raise RepositoryError("%s: size %d does not match its %d records (truncated?)" % (source, total, count))
         try:
-            out = cls(block_size)
+            out = cls(block_size, spool=spool)
         except InputError as exc:
             raise RepositoryError("%s: %s" % (source, exc.msg))
-        body = memoryview(data)[head_size:head_size + count * _RECORD]
-        raw = bytearray(count * 8)
-        digests = bytearray(count * DIGEST_SIZE)
-        for k in range(8):
-            raw[k::8] = body[k::_RECORD]
-        for k in range(DIGEST_SIZE):
-            digests[k::DIGEST_SIZE] = body[8 + k::_RECORD]
-        indexes = array("Q")
-        indexes.frombytes(bytes(raw))
-        if sys.byteorder != "little":
-            indexes.byteswap()
-        if count and not all(map(operator.lt, indexes, itertools.islice(indexes, 1, None))):
-            raise RepositoryError("%s: block indexes are not strictly increasing" % source)
-        if count:
-            first, last = indexes[0], indexes[-1]
-            out._reserve(last + 1)
-            if last - first == count - 1:
-                out._present[first:last + 1] = b"\x01" * count
-                out._data[first * DIGEST_SIZE:(last + 1) * DIGEST_SIZE] = digests
-            else:
-                for j, index in enumerate(indexes):
-                    out._present[index] = 1
-                    out._data[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = \
-                        digests[j * DIGEST_SIZE:(j + 1) * DIGEST_SIZE]
-        out._count = count
+        try:
+            check = hashlib.blake2b(head, digest_size=16)
+            previous = -1
+            error = None  # the first structural problem; a checksum mismatch (corruption) is reported first
+            for done in range(0, count, _BATCH):
+                n = min(_BATCH, count - done)
+                body = f.read(n * _RECORD)
+                if len(body) != n * _RECORD:
+                    raise RepositoryError("%s: truncated while reading" % source)
+                check.update(body)
+                if error is not None:
+                    continue
+                raw = bytearray(n * 8)
+                digests = bytearray(n * DIGEST_SIZE)
+                for k in range(8):
+                    raw[k::8] = body[k::_RECORD]
+                for k in range(DIGEST_SIZE):
+                    digests[k::DIGEST_SIZE] = body[8 + k::_RECORD]
+                indexes = array("Q")
+                indexes.frombytes(bytes(raw))
+                if sys.byteorder != "little":
+                    indexes.byteswap()
+                if indexes[0] <= previous or not all(map(operator.lt, indexes, itertools.islice(indexes, 1, None))):
+                    error = RepositoryError("%s: block indexes are not strictly increasing" % source)
+                    continue
+                previous = indexes[-1]
+                out.reserve(indexes[-1] + 1)
+                j = 0
+                while j < n:  # runs of consecutive indexes, one slot write each
+                    k = j + 1
+                    while k < n and indexes[k] == indexes[k - 1] + 1:
+                        k += 1
+                    out.set_run(indexes[j], digests[j * DIGEST_SIZE:k * DIGEST_SIZE])
+                    j = k
+            if check.digest() != f.read(16):
+                raise RepositoryError("%s: checksum mismatch (corrupted)" % source)
+            if error is not None:
+                raise error
+        except BaseException:
+            out.close()
+            raise
         return out
 
     def save(self, path, mode=0o600):
-        _write_file(path, self.to_bytes(), mode)
+        """Write the file form to ``path`` (created with ``mode``, fsynced) in bounded batches."""
+        _write_file(path, self._batches(), mode)
 
     @classmethod
-    def load(cls, path):
+    def load(cls, path, spool=None):
         try:
             with open(path, "rb") as f:
-                data = f.read()
+                return cls._read(f, os.fstat(f.fileno()).st_size, path, spool=spool)
         except OSError as exc:
             raise RepositoryError("cannot read digests %s: %s" % (path, exc.strerror), path=path)
-        return cls.from_bytes(data, source=path)
 
 
 def _write_file(path, data, mode):
-    """Write and fsync ``path`` (created with exactly ``mode``; replaced if it exists)."""
+    """Write and fsync ``path`` (created with exactly ``mode``; replaced if it exists).
+
+    ``data``: bytes-like, or an iterable of bytes-like pieces written in turn.
+    """
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
     fd = os.open(path, flags, mode)
     try:
         os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -444,7 +651,25 @@ class Pending:
         self.final_path = repo.path(self.layer)
         self.digests_temp = repo.path("." + name + DIGESTS_SUFFIX + PARTIAL_SUFFIX)
         self.backing = None  # the parent's layer file name, set by begin_point
+        self.digest_algorithm = None  # set by begin_point: the parent's, or default_digest() for a new segment
+        self.block_digest = None  # the Digester of digest_algorithm (keyed by the repository's secret)
         self.state = "open"
+        self._spools = []
+
+    def new_digests(self):
+        """An empty BlockDigests for this point's layer, spooled to a file of the repository (bounded
+        memory whatever the disk size); removed with the pending point, or once published."""
+        path = self.repo.path(".%s%s-spool%d%s" % (self.name, DIGESTS_SUFFIX, len(self._spools), PARTIAL_SUFFIX))
+        self.repo._remove(path)
+        digests = BlockDigests(self.repo.block_size, spool=path)
+        digests.reserve(digests.blocks(self.size))
+        self._spools.append(digests)
+        return digests
+
+    def close_spools(self):
+        for digests in self._spools:
+            digests.close()
+        self._spools = []
 
     def create(self):
         """Create the empty temporary layer with ``qemu-img create`` (backed by the parent's layer)."""
@@ -457,6 +682,7 @@ class Pending:
     def __exit__(self, exc_type, exc, tb):
         if self.state == "open":
             self.repo.abort(self)
+        self.close_spools()
 
     def __repr__(self):
         return "Pending(%r, parent=%r, state=%s)" % (self.name, self.parent, self.state)
@@ -477,6 +703,9 @@ class Repository:
         self._lock_fd = None
         self._warnings = []
         self._read_fd = None
+        self._key = None
+        self._spool_serial = itertools.count()
+        self._open_pending = None
 
     # -- paths ---------------------------------------------------------------------------------
     def path(self, filename):
@@ -710,6 +939,11 @@ class Repository:
                     raise bad("%s: segment %r goes backwards" % (where, segment))
             if not isinstance(point.get("bad", False), bool):
                 raise bad("%s: 'bad' must be true or false" % where)
+            algorithm = point.get("digest", doc.get("digest", LEGACY_DIGEST))
+            if algorithm not in DIGEST_FUNCTIONS:
+                raise bad("%s: unknown block digest algorithm %r" % (where, algorithm))
+            if parent is not None and algorithm != by_name[parent].get("digest", doc.get("digest", LEGACY_DIGEST)):
+                raise bad("%s: block digest algorithm %s differs from its parent's" % (where, algorithm))
             for key in _COUNTERS:
                 if not _is_int(point.get(key, 0)) or point.get(key, 0) < 0:
                     raise bad("%s: %s must be an integer >= 0" % (where, key))
@@ -745,11 +979,99 @@ class Repository:
 
     @property
     def digest_algorithm(self):
+        """The algorithm of the points that record none (written before points recorded theirs)."""
         return self._manifest_doc().get("digest", LEGACY_DIGEST)
 
+    def point_digest_algorithm(self, name):
+        """The algorithm of a point's digests (a whole segment shares one)."""
+        return self.get(name).get("digest", self.digest_algorithm)
+
+    def digests_keyed(self, name):
+        """Whether a point's digests are keyed by the repository's secret, so that a guest cannot
+        craft a block whose digest matches another's (what the digest-scan's "unchanged" needs)."""
+        return is_keyed(self.point_digest_algorithm(name))
+
+    def digest_for(self, name=None):
+        """The Digester for the digests of point ``name`` (the latest; for a new repository the
+        algorithm a new segment would use).  RepositoryError when its key is missing or unsafe."""
+        if name is None:
+            latest = self.latest()
+            algorithm = latest.get("digest", self.digest_algorithm) if latest else default_digest()
+        else:
+            algorithm = self.point_digest_algorithm(name)
+        return self._digester(algorithm)
+
     def block_digest(self, data):
-        """The digest of one block with this repository's algorithm (ZERO_DIGEST for zeroes)."""
-        return block_digest(data, self.digest_algorithm)
+        """The digest of one block for the point being written (``begin_point``), else for the latest
+        point (see digest_for).  Writers should use ``Pending.block_digest``."""
+        pending = self._open_pending
+        if pending is not None and pending.state == "open":
+            return pending.block_digest(data)
+        return self.digest_for()(data)
+
+    def _digester(self, algorithm, create=False):
+        return Digester(algorithm, self.digest_key(create=create) if is_keyed(algorithm) else None)
+
+    @property
+    def key_path(self):
+        return self.path(KEY_FILE)
+
+    def digest_key(self, create=False):
+        """The repository's digest secret (KEY_SIZE random bytes in KEY_FILE, mode 0600).
+
+        ``create`` (under the lock) makes it when there is none.  A key file that is not a
+        regular file, is readable or writable by group or others, belongs to another user,
+        or has the wrong size is refused: digests keyed by a known key protect nothing.
+        The key never appears in a message, the manifest or a result.
+        """
+        if self._key is not None:
+            return self._key
+        path = self.key_path
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            if not create:
+                raise RepositoryError("the block digests of %s are keyed but its key file %s is missing (it must be "
+                                      "kept with the repository)" % (self.disk_dir, path), path=path)
+            self._create_key(path)
+            return self.digest_key()
+        except OSError as exc:
+            raise RepositoryError("cannot open the digest key %s: %s (it must be a regular file)"
+                                  % (path, exc.strerror), path=path)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise RepositoryError("the digest key %s is not a regular file" % path, path=path)
+            if st.st_mode & 0o077:
+                raise RepositoryError("the digest key %s has mode %04o: it must be readable by its owner only "
+                                      "(chmod 600 it)" % (path, stat.S_IMODE(st.st_mode)), path=path)
+            if st.st_uid != os.geteuid():
+                raise RepositoryError("the digest key %s belongs to uid %d, not to this user (uid %d)"
+                                      % (path, st.st_uid, os.geteuid()), path=path)
+            key = os.read(fd, KEY_SIZE + 1)
+        finally:
+            os.close(fd)
+        if len(key) != KEY_SIZE:
+            raise RepositoryError("the digest key %s has %d bytes, not %d" % (path, len(key), KEY_SIZE), path=path)
+        self._key = key
+        return key
+
+    def _create_key(self, path):
+        self._require_lock("creating the digest key")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        temp = self.path("." + KEY_FILE + PARTIAL_SUFFIX)
+        self._remove(temp)
+        fd = os.open(temp, flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            data = os.urandom(KEY_SIZE)
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, path)
+        fsync_dir(self.disk_dir)
 
     def points(self):
         """Every point, oldest first (copies: changing them changes nothing)."""
@@ -976,6 +1298,10 @@ class Repository:
             backing = base["layer"]
         pending = Pending(self, name, size, parent, segment)
         pending.backing = backing
+        # A segment keeps one algorithm (its layers' digests are merged); a new one takes the default.
+        pending.digest_algorithm = base.get("digest", self.digest_algorithm) if parent is not None else default_digest()
+        pending.block_digest = self._digester(pending.digest_algorithm, create=True)
+        self._open_pending = pending
         for path in (pending.final_path, self.digests_path(name)):
             if os.path.lexists(path):
                 raise ConflictError("%s already exists but is no point of the manifest (left by an interrupted run?);"
@@ -1021,7 +1347,7 @@ class Repository:
         point = dict((k, copy.deepcopy(v)) for k, v in RUN_FIELDS.items())
         point.update(copy.deepcopy(fields))
         point.update(name=pending.name, layer=pending.layer, parent=pending.parent, segment=pending.segment,
-                     size=pending.size, digests=None, bad=False)
+                     size=pending.size, digests=None, digest=pending.digest_algorithm, bad=False)
         if not point["created"]:
             point["created"] = utc_iso()
         digests_path = self.digests_path(pending.name)
@@ -1038,7 +1364,7 @@ class Repository:
         renamed = []
         try:
             if digests is not None:
-                _write_file(pending.digests_temp, digests.to_bytes(), self.file_mode)
+                digests.save(pending.digests_temp, self.file_mode)
                 os.rename(pending.digests_temp, digests_path)
                 renamed.append((digests_path, pending.digests_temp))
             os.rename(pending.path, pending.final_path)
@@ -1058,6 +1384,7 @@ class Repository:
             raise
         self._manifest = new_doc
         pending.state = "published"
+        pending.close_spools()
         try:
             fsync_dir(self.disk_dir)
         except OSError as exc:
@@ -1077,6 +1404,7 @@ class Repository:
             self._remove(pending.path)
             self._remove(pending.digests_temp)
             pending.state = "aborted"
+        pending.close_spools()
 
     def cleanup_partial(self):
         """Remove ``.*.partial`` files left by interrupted runs (needs the lock); returns their names."""
@@ -1156,12 +1484,20 @@ class Repository:
             fsync_dir(self.disk_dir)
 
     # -- digests -------------------------------------------------------------------------------
-    def load_digests(self, name):
-        """The digests a point's layer wrote, or None when it has none."""
+    def _spool_path(self):
+        """A file for spooled digests while this run holds the lock, else None (in memory)."""
+        if self._lock_fd is None:
+            return None
+        path = self.path(".digests-spool-%d-%d%s" % (os.getpid(), next(self._spool_serial), PARTIAL_SUFFIX))
+        self._remove(path)
+        return path
+
+    def load_digests(self, name, spool=None):
+        """The digests a point's layer wrote, or None when it has none (``spool``: see BlockDigests)."""
         point = self.get(name)
         if not point.get("digests"):
             return None
-        digests = BlockDigests.load(self.path(point["digests"]))
+        digests = BlockDigests.load(self.path(point["digests"]), spool=spool)
         if digests.block_size != self.block_size:
             raise RepositoryError("%s uses %d-byte blocks, the manifest says %d"
                                   % (point["digests"], digests.block_size, self.block_size))
@@ -1178,10 +1514,18 @@ class Repository:
             if not point.get("digests"):
                 raise RepositoryError("point %s has no block digests: the digests of %s are incomplete"
                                       % (point["name"], chain[-1]["name"]), point=point["name"])
-        # One layer in memory at a time: a long chain of a big disk must not load every layer at once.
-        layers = (self.load_digests(point["name"]) for point in chain)
-        return BlockDigests.merged(layers, size=chain[-1]["size"], block_size=self.block_size,
-                                   sizes=[p["size"] for p in chain])
+        # One layer loaded at a time, and under the lock (a writer) spooled to files of the
+        # repository: memory stays bounded whatever the disk size.  Close the result when done.
+        def layers():
+            for point in chain:
+                layer = self.load_digests(point["name"], spool=self._spool_path())
+                try:
+                    yield layer
+                finally:
+                    layer.close()
+
+        return BlockDigests.merged(layers(), size=chain[-1]["size"], block_size=self.block_size,
+                                   sizes=[p["size"] for p in chain], spool=self._spool_path())
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -24,7 +24,7 @@ A source is one disk at one moment.  The flow calls, in this order, under the re
     what a killed run created (see ``remove_orphan``).  After prepare, ``size`` is final.
 ``point_time()``
     A datetime for the point's name (the snapshot's own time stamp) or None for now.
-``copy(sink, parent, base, repo, parallel)``
+``copy(sink, parent, base, pending, parallel)``
     Fill the new layer; returns ``(Stats, BlockDigests of the blocks written, extra dict)``.
     The default copies ``changed_extents(parent)`` (exact) or, when those are unknown (None),
     digest-scans the whole source against ``base``: one copy engine (``_transfer/engine.py``).
@@ -56,7 +56,6 @@ from __future__ import annotations
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import RepositoryError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import BlockDigests
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
     DEFAULT_CHUNK, align_to_blocks, copy_extents, digest_scan, resize_edge)
 
@@ -88,6 +87,12 @@ class Source:
             return None, None, reason
         base = None
         if not self.exact_extents:
+            if not repo.digests_keyed(latest["name"]):
+                # "Unchanged" is decided by comparing digests of guest-written data: with an unkeyed
+                # digest a guest could craft a block that collides with the old one and keep it stale.
+                return None, None, ("digests not keyed: the block digests of the last point %s are %s, which a "
+                                    "guest could make collide; this backup starts a new segment with keyed digests"
+                                    % (latest["name"], repo.point_digest_algorithm(latest["name"])))
             try:
                 base = repo.effective_digests(latest["name"])
             except RepositoryError as exc:
@@ -133,20 +138,20 @@ class Source:
     def compare_problem(self, point):
         return None
 
-    def copy(self, sink, parent, base, repo, parallel):
+    def copy(self, sink, parent, base, pending, parallel):
+        """Fill the new layer through ``sink``; the digests go into ``pending.new_digests()``,
+        computed with ``pending.block_digest`` (the new point's algorithm and key)."""
+        block_size = pending.repo.block_size
         extents = self.changed_extents(parent)
         if extents is None:
-            stats, digests = digest_scan(self, sink, base=base, parallel=parallel, digest=repo.block_digest,
-                                         block_size=repo.block_size)
+            stats, digests = digest_scan(self, sink, base=base, parallel=parallel, digest=pending.block_digest,
+                                         digests=pending.new_digests(), block_size=block_size)
             return stats, digests, {}
         if parent:
-            extents = extents + resize_edge(parent["size"], self.size, repo.block_size)
-        extents = align_to_blocks(extents, repo.block_size, self.size)
+            extents = extents + resize_edge(parent["size"], self.size, block_size)
+        extents = align_to_blocks(extents, block_size, self.size)
         if hasattr(sink, "reserve"):
             sink.reserve(sum(ext.length for ext in extents if ext.kind == DATA))
-        stats, written = copy_extents(self, extents, sink, parallel=parallel, digest=repo.block_digest,
-                                      chunk=DEFAULT_CHUNK, block_size=repo.block_size)
-        digests = BlockDigests(repo.block_size)
-        for index, digest in written.items():
-            digests[index] = digest
+        stats, digests = copy_extents(self, extents, sink, parallel=parallel, digest=pending.block_digest,
+                                      digests=pending.new_digests(), chunk=DEFAULT_CHUNK, block_size=block_size)
         return stats, digests, {}

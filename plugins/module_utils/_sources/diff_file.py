@@ -29,14 +29,14 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    ZERO_DIGEST, BlockDigests, block_digest)
+    BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
     DEFAULT_CHUNK, Stats, Window, block_runs)
 
 
 def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, readback_chunk=DEFAULT_CHUNK,
-                digest=block_digest):
+                digest=block_digest, digests=None):
     """Apply the records of ``reader`` (a DiffReader) to ``target``; return ``(Stats, BlockDigests, readback)``.
 
     ``parent_size`` is the size of the point the layer is backed by (None for a
@@ -48,14 +48,13 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
     size = reader.size
     nblocks = -(-size // block_size)
     stats = Stats()
-    digests = BlockDigests(block_size)
+    digests = BlockDigests(block_size) if digests is None else digests
     readback = set()
 
     if parent_size is not None and parent_size != size:
         if size > parent_size:
             # past the parent's end the layer reads zeroes whatever an older, larger layer held
-            for index in range(-(-parent_size // block_size), nblocks):
-                digests[index] = ZERO_DIGEST
+            digests.set_zero_run(-(-parent_size // block_size), nblocks)
         for edge in (parent_size, size):
             if edge % block_size and edge // block_size < nblocks:
                 readback.add(edge // block_size)
@@ -87,8 +86,7 @@ def replay_diff(reader, target, parent_size=None, parallel=4, block_size=65536, 
     def on_result(result):
         out, written, zeroed = result
         if isinstance(out, tuple):
-            for index in range(*out):
-                digests[index] = ZERO_DIGEST
+            digests.set_zero_run(*out)
         else:
             for index, value in out:
                 digests[index] = value
@@ -211,9 +209,9 @@ class DiffFileSource(Source):
     def identity(self):
         return dict(type=self.kind, path=os.path.abspath(self.path), from_snap=self.from_snap, to_snap=self.to_snap)
 
-    def copy(self, sink, parent, base, repo, parallel):
-        stats, digests, readback = replay_diff(self.reader, sink, digest=repo.block_digest,
-                                               parent_size=parent and parent["size"],
-                                               parallel=parallel, block_size=repo.block_size)
+    def copy(self, sink, parent, base, pending, parallel):
+        stats, digests, readback = replay_diff(self.reader, sink, digest=pending.block_digest,
+                                               digests=pending.new_digests(), parent_size=parent and parent["size"],
+                                               parallel=parallel, block_size=pending.repo.block_size)
         return stats, digests, dict(mode="diff", from_snapshot=self.from_snap, readback_bytes=readback,
                                     diff_records=self.reader.record_count)

@@ -76,8 +76,8 @@ class RawSource(Source):
             got += len(piece)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def copy(self, sink, parent, base, repo, parallel):
-        out = super().copy(sink, parent, base, repo, parallel)
+    def copy(self, sink, parent, base, pending, parallel):
+        out = super().copy(sink, parent, base, pending, parallel)
         if self.current_size() != self.size:
             raise TransferError("source %s changed size during the backup (%d, now %d bytes): not a snapshot?"
                                 % (self.path, self.size, self.current_size()), path=self.path)

@@ -30,7 +30,7 @@ import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    ZERO_DIGEST, BlockDigests, block_digest)
+    DIGEST_SIZE, ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, split
@@ -235,50 +235,50 @@ def block_runs(blocks, max_blocks):
 
 
 def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_size=None, progress=None,
-                 digest=block_digest):
+                 digest=block_digest, digests=None):
     """Copy ``extents`` of ``source`` to ``sink``; return (Stats, digests).
 
-    ``digests`` maps block index -> digest for every whole block of ``block_size``
-    written (``block_size`` None: no digests).  Reads run on ``parallel`` threads, with
-    at most ``2 * parallel`` reads queued, each of ``chunk_for(parallel, chunk)`` bytes at
-    most.  All-zero data is sent as zero (WRITE_ZEROES / a ``z`` record), never as literal zeroes.
+    ``digests`` (a BlockDigests of ``block_size``, e.g. ``Pending.new_digests()``, spooled to a
+    file) receives the digest of every whole block written or zeroed, run by run as the
+    pieces land: no per-block Python object is kept, so memory does not grow with the disk.
+    Without it, and with a ``block_size``, an in-memory BlockDigests is returned; without a
+    ``block_size``, None (no digests).  Reads run on ``parallel`` threads, with at most
+    ``2 * parallel`` reads queued, each of ``chunk_for(parallel, chunk)`` bytes at most.
+    All-zero data is sent as zero (WRITE_ZEROES / a ``z`` record), never as literal zeroes.
     """
     if parallel < 1:
         raise ValueError("parallel must be >= 1")
     if block_size and chunk % block_size:
         raise ValueError("chunk must be a multiple of block_size")
+    if digests is not None and digests.block_size != block_size:
+        raise ValueError("digests use %d-byte blocks, not %r" % (digests.block_size, block_size))
     chunk = chunk_for(parallel, chunk, block_size or 65536)
     stats = Stats()
-    digests = {}
+    if block_size and digests is None:
+        digests = BlockDigests(block_size)
     lock = threading.Lock()
 
     def digest_range(off, data):
-        if not block_size:
-            return {}
-        out = {}
+        """(first block, concatenated digests) of the whole blocks in ``data`` at ``off``."""
         view = memoryview(data)
-        pos = 0
+        first = -(-off // block_size)
+        out = []
+        pos = first * block_size - off
         while pos < len(view):
-            b = (off + pos) // block_size
-            start = b * block_size
-            n = min(block_size - (off + pos - start), len(view) - pos)
-            if off + pos == start and (n == block_size or off + pos + n == source.size):
-                out[b] = digest(view[pos:pos + n])
+            n = min(block_size, len(view) - pos)
+            if n < block_size and off + pos + n != source.size:
+                break  # a partial block (never with block-aligned extents): no digest
+            out.append(digest(view[pos:pos + n]))
             pos += n
-        return out
+        return first, b"".join(out)
 
-    def zero_range_digests(off, length):
-        if not block_size:
-            return {}
-        out = {}
-        b = -(-off // block_size)
-        while b * block_size < off + length:
-            n = min(block_size, source.size - b * block_size)
-            if b * block_size + n > off + length:
-                break
-            out[b] = ZERO_DIGEST
-            b += 1
-        return out
+    def zero_range(off, length):
+        """(first, end) of the whole blocks inside a zeroed range."""
+        first = -(-off // block_size)
+        end = (off + length) // block_size
+        if off + length == source.size and source.size % block_size:
+            end += 1
+        return first, max(first, end)
 
     def split_zero_blocks(ext, data):
         """Runs of data and all-zero whole blocks inside one read: a changed object is often
@@ -315,17 +315,22 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
         for ext, data in pieces:
             if data is None:
                 sink.zero(ext.offset, ext.length)
-                d = zero_range_digests(ext.offset, ext.length)
+                run = zero_range(ext.offset, ext.length) if block_size else None
             else:
                 sink.write(ext.offset, data)
-                d = digest_range(ext.offset, data)
+                run = digest_range(ext.offset, data) if block_size else None
             with lock:
                 stats.extents += 1
                 if ext.kind == ZERO:
                     stats.zero_bytes += ext.length
                 else:
                     stats.bytes_written += ext.length
-                digests.update(d)
+                if run is None:
+                    continue
+                if data is None:
+                    digests.set_zero_run(*run)
+                else:
+                    digests.set_run(*run)
 
     def job(ext):
         pieces = read(ext)
@@ -350,7 +355,8 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
     return stats, digests
 
 
-def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536, digest=block_digest):
+def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536, digest=block_digest,
+                digests=None):
     """Read all of ``source``, write to ``target`` the blocks whose digest differs from ``base``.
 
     The copy for a source whose changed extents are unknown (a raw file or device).
@@ -359,14 +365,15 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
     present) or None for a full layer without backing (then all-zero blocks are
     skipped, the others written).  Runs of changed blocks are written as one
     request per chunk; changed blocks that are all zero become ``target.zero``.
-    Returns ``(Stats, BlockDigests of the blocks written)``.
+    Returns ``(Stats, BlockDigests of the blocks written)``: ``digests`` (e.g.
+    ``Pending.new_digests()``) filled run by run, or a new in-memory one.
     """
     if chunk % block_size:
         raise ValueError("chunk must be a multiple of block_size")
     chunk = chunk_for(parallel, chunk, block_size)
     size = source.size
     stats = Stats()
-    digests = BlockDigests(block_size)
+    digests = BlockDigests(block_size) if digests is None else digests
 
     def job(offset, length):
         data = source.read(offset, length)
@@ -389,15 +396,19 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
             run[0] = run[1] = None
 
         first = offset // block_size
+        olds = base.run(first, first + -(-length // block_size)) if base is not None else None
         for i, pos in enumerate(range(0, length, block_size)):
             n = min(block_size, length - pos)
             got = digest(data[pos:pos + n])
             index = first + i
-            old = ZERO_DIGEST if base is None else base.get(index, ZERO_DIGEST)
+            old = ZERO_DIGEST if olds is None else olds[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
             if got == old:
                 close_run(pos)
                 continue
-            changed.append((index, got))
+            if changed and changed[-1][0] + len(changed[-1][1]) // DIGEST_SIZE == index:
+                changed[-1][1] += got
+            else:
+                changed.append([index, bytearray(got)])  # runs of consecutive changed blocks
             kind = ZERO if got == ZERO_DIGEST else "data"
             if run[1] != kind:
                 close_run(pos)
@@ -407,8 +418,8 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
 
     def on_result(result):
         length, changed, counters = result
-        for index, value in changed:
-            digests[index] = value
+        for index, values in changed:
+            digests.set_run(index, values)
         stats.bytes_read += length
         stats.bytes_written += counters[0]
         stats.zero_bytes += counters[1]

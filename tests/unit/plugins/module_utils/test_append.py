@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import struct
@@ -20,8 +21,9 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import block_runs, digest_scan
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _repository
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    ZERO_DIGEST, BlockDigests, Repository, block_digest, default_digest)
+    ZERO_DIGEST, BlockDigests, Repository, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, LockedError, NotFoundError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
@@ -52,18 +54,22 @@ def point_bytes(repo, name, tmp_path):
     return raw.read_bytes()
 
 
-def digests_of(data):
-    """What a new repository records (xxh3-128 where python3-xxhash is installed)."""
+def unkeyed(data):
+    return block_digest(data, "xxh3-128")
+
+
+def digests_of(data, digest=unkeyed):
+    """The digests of ``data`` block by block (``digest``: a repository's ``digest_for(point)``)."""
     out = BlockDigests(BS)
     for index, pos in enumerate(range(0, len(data), BS)):
-        out.add(index, data[pos:pos + BS], default_digest())
+        out[index] = digest(data[pos:pos + BS])
     return out
 
 
 def assert_point_is(repo, name, data, tmp_path):
     """Converted point == data (sha256), and its effective digests are exact."""
     assert sha(point_bytes(repo, name, tmp_path)) == sha(bytes(data)), name
-    assert repo.effective_digests(name) == digests_of(bytes(data)), name
+    assert repo.effective_digests(name) == digests_of(bytes(data), repo.digest_for(name)), name
 
 
 def no_partials(repo):
@@ -318,12 +324,78 @@ def test_scan_source_without_nbd():
     new[7 * BS] = 1
     target = Target()
     stats, digests = digest_scan(Source(bytes(new)), target, base=digests_of(bytes(old)), parallel=2,
-                                 chunk=4 * BS, block_size=BS,
-                                 digest=lambda data: block_digest(data, default_digest()))
+                                 chunk=4 * BS, block_size=BS, digest=unkeyed)
     assert sorted(target.calls) == [("w", 0, 2 * BS), ("w", 7 * BS, BS), ("z", 3 * BS, BS)]
     assert (stats.bytes_written, stats.zero_bytes, stats.extents) == (3 * BS, BS, 3)
     assert sorted(digests) == [0, 1, 3, 7]
     assert BlockDigests.merged([digests_of(bytes(old)), digests], size=len(new)) == digests_of(bytes(new))
+
+
+# -- the unchanged-block decision and unkeyed digests (issue 10, defect 8) ---------------------
+
+class CollidingXxh3:
+    """SIMULATED FAULT: an xxh3-128 under which two blocks that differ only past their first
+    4 KiB collide, as blocks a guest crafted would (no real xxh3 collision is at hand).  Installed
+    in place of the xxhash module, so every xxh3-128 digest of the run collides this way."""
+
+    real = _repository.xxhash
+
+    @classmethod
+    def xxh3_128_digest(cls, data):
+        return cls.real.xxh3_128_digest(bytes(data)[:4096])
+
+
+def collide(disk, block):
+    """Change ``block`` of the source past its first 4 KiB: the same digest under CollidingXxh3."""
+    data = bytearray(disk.data)
+    data[block * BS + 8192:block * BS + 8200] = os.urandom(8)
+    disk.write(data)
+
+
+def as_old_repository(chain, algorithm):
+    """The manifest as an older version wrote it: one algorithm for the repository, none per point."""
+    path = os.path.join(chain, "manifest.json")
+    with open(path) as f:
+        doc = json.load(f)
+    doc["digest"] = algorithm
+    for point in doc["points"]:
+        point.pop("digest", None)
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def test_a_digest_scan_onto_unkeyed_digests_starts_a_new_segment(disk, tmp_path, monkeypatch):
+    monkeypatch.setattr(_repository, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
+    with monkeypatch.context() as older:
+        older.setattr(_repository, "default_digest", lambda: "xxh3-128")  # as an older version wrote it
+        first = disk.backup()
+    as_old_repository(disk.chain, "xxh3-128")
+    before = bytes(disk.data)
+    collide(disk, 5)
+    second = disk.backup()
+    assert second["full"] and second["parent"] is None
+    assert second["full_reason"].startswith("digests not keyed: the block digests of the last point %s are "
+                                            "xxh3-128" % first["point"]["name"])
+    disk.check(second)  # the new data, not the stale block
+    assert second["point"]["digest"] == "blake2b-128-keyed"
+    repo = Repository(disk.chain)
+    assert repo.point_digest_algorithm(first["point"]["name"]) == "xxh3-128"
+    assert_point_is(repo, first["point"]["name"], before, tmp_path)  # the old point's digests still hold
+    collide(disk, 5)
+    third = disk.backup()  # onto keyed digests: an incremental again, and not misled
+    assert not third["full"] and third["bytes_written"] == BS
+    disk.check(third)
+
+
+def test_the_keyed_decision_is_not_misled_by_an_unkeyed_collision(disk, monkeypatch):
+    monkeypatch.setattr(_repository, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
+    first = disk.backup()
+    collide(disk, 5)
+    second = disk.backup()
+    assert not second["full"] and second["parent"] == first["point"]["name"]
+    assert second["bytes_written"] == BS  # block 5 was seen as changed
+    disk.check(second)
+    assert first["point"]["digest"] == second["point"]["digest"] == "blake2b-128-keyed"
 
 
 # -- diff mode ---------------------------------------------------------------------------------
@@ -456,7 +528,7 @@ def test_malformed_diff_leaves_nothing(tmp_path, damage, message):
     assert len(repo.names()) == 1
     assert no_partials(repo) == [] and repo.orphans() == []
     assert sorted(os.listdir(repo.disk_dir)) == sorted([".lock", "manifest.json", repo.names()[0] + ".qcow2",
-                                                        repo.names()[0] + ".digests"])
+                                                        repo.names()[0] + ".digests", "digest.key"])
 
 
 def test_block_runs():
