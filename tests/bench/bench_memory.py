@@ -125,13 +125,12 @@ def child(size, directory, parallel, digest, scan=True):
         if scan:
             # The digest scan of qcow2_chain_append's source mode: every block read, digested and
             # compared with the parent's effective digests (spooled), into an incremental layer.
-            # Called directly: choose_source_base would refuse a base whose digests are not keyed
+            # Called directly: Source.choose_base would refuse a base whose digests are not keyed
             # (--digest xxh3-128), which is the point of defect 8, not of this memory figure.
-            from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import append as _append
             started = time.monotonic()
             with repo.begin_point(SCAN_POINT, size, parent=point["name"], create=False) as pending:
                 with _engine.layer_sink(pending, "direct", parallel) as sink:
-                    stats, written = _append.scan_source(SyntheticSource(size), sink, base=effective,
+                    stats, written = _engine.digest_scan(SyntheticSource(size), sink, base=effective,
                                                          parallel=parallel, block_size=repo.block_size,
                                                          digest=pending.block_digest, digests=pending.new_digests())
                 repo.publish(pending, dict(bytes_read=stats.bytes_read), digests=written)

@@ -93,6 +93,8 @@ def test_a_block_that_hashes_like_zeroes_is_not_taken_for_zeroes(monkeypatch):
     of such a block got ZERO_DIGEST (the decision compared digests) and was recorded as zeroes."""
     from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository
     monkeypatch.setitem(repository.DIGEST_FUNCTIONS, "colliding", lambda data: b"\x5a" * 16)
+    monkeypatch.setitem(repository.UNKEYED_DIGESTS, "colliding", lambda data: b"\x5a" * 16)
+    repository._unkeyed_digester.cache_clear()  # pylint: disable=protected-access
     crafted = bytearray(65536)
     crafted[100] = 0x42
     for name, buf in kinds(crafted).items():

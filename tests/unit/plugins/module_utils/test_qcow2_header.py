@@ -37,7 +37,8 @@ def qemu_img_create(path, size, *options, backing=None, backing_fmt="qcow2", ext
     argv.append(str(path))
     if size is not None:
         argv.append(str(size))
-    subprocess.run(argv, check=True, capture_output=True, cwd=os.path.dirname(str(path)))
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, cwd=os.path.dirname(str(path)))
+    assert done.returncode == 0, "%s: rc %d: %s" % (argv, done.returncode, done.stderr)
     return str(path)
 
 
