@@ -83,7 +83,9 @@ options:
   in_place:
     description:
       - Roll the existing O(rbd) image back to the point, keeping its identity and snapshots. Needs O(force).
-      - Refused while any client has the image open (stop the VM first). The exclusive lock is taken, then a safety
+      - Refused while any client has the image open (stop the VM first), except the Ceph client of an in-place
+        restore killed on this host (it recorded itself on the image), which is blocklisted so that its watch and
+        lock end (a warning says so). The exclusive lock is taken, then a safety
         snapshot C(snapchain-safety-<UTC stamp>) of the current state (kept; RV(safety_snapshot) names it), then the
         image is resized to the point's size if needed and every byte is written (data and zeroes).
     type: bool
@@ -119,7 +121,7 @@ options:
     default: 8
   dead_client_wait:
     description:
-      - With O(rbd) (a new image), the longest time in seconds (0 to 3600) to wait for Ceph to drop the client of a
+      - With O(rbd), the longest time in seconds (0 to 3600) to wait for Ceph to drop the client of a
         killed restore that still watches the C(<image>.snapchain-partial) image it left, before that image can be
         removed. Ceph drops a dead client's watch after the OSDs' C(osd_client_watch_timeout) (30 seconds by default).
       - Not needed when the killed restore ran on this host. It recorded itself on the partial image, so the next run

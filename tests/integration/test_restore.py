@@ -732,3 +732,35 @@ def test_a_killed_restore_to_a_file_leaves_nothing_under_the_final_name(chain, t
     assert "interrupted restore" in warnings_text(r)
     got = sha256_file(dest) if fmt == "raw" else point_sha(dest, tmp_path)
     assert got == chain["shas"][-1]
+
+
+def test_an_in_place_restore_rerun_at_once_after_a_killed_one_succeeds(lab, chain, tmp_path):
+    """Defect 5, in place: the killed run's client still watches (and locks) the image itself, which
+    would otherwise read as "open by ... (a running VM?)" for osd_client_watch_timeout."""
+    target = "rst-killip-" + uuid.uuid4().hex[:6]
+    with pool_ioctx(lab, "admin") as ioctx:
+        rbd.RBD().create(ioctx, target, 48 * MiB)
+        with rbd.Image(ioctx, target) as img:
+            img.write(rng.randbytes(48 * MiB), 0)
+            garbage = img.read(0, MiB)
+
+    def rolling_back():
+        with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, target, read_only=True) as img:
+            return img.read(0, MiB) != garbage
+
+    def undo():  # the restore was too quick: put the garbage back
+        with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, target) as img:
+            img.write(garbage, 0)
+
+    dest = dict(pool=lab.pool, image=target)
+    try:
+        killed_restore(chain, rolling_back, undo, rbd=dest, in_place=True, force=True)
+        assert watchers(lab, target), "Ceph no longer sees the killed client: the test shows nothing"
+        started = time.monotonic()
+        r = restore(chain, rbd=dest, in_place=True, force=True)
+        assert time.monotonic() - started < 25 and "killed restore" in warnings_text(r)
+        assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
+        with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, target, read_only=True) as img:
+            assert "snapchain.restore.owner" not in dict(img.metadata_list())
+    finally:
+        remove_image(lab, target)

@@ -319,6 +319,34 @@ class RbdTarget(Target):
                                      "exact, only slower" % exc)
             # value "true" not set: _writing refuses below if zero copy is still on with a cache
 
+    def _state(self, name):
+        """(watchers, snapshots, owner record or None) of image ``name``, or None when it does not exist."""
+        img = self._open(name, read_only=True)
+        if img is None:
+            return None
+        try:
+            try:
+                owner = json.loads(img.metadata_get(OWNER_KEY))
+            except Exception:  # pylint: disable=broad-except  # KeyError (none), rbd.Error, bad JSON
+                owner = None
+            return _watchers(img), [s["name"] for s in img.list_snaps()], owner if isinstance(owner, dict) else None
+        finally:
+            img.close()
+
+    def _blocklist(self, addr):
+        try:
+            self.sess.cluster.blocklist_add(addr, BLOCKLIST_SECONDS)
+        except Exception as exc:  # pylint: disable=broad-except  # rados.PermissionError...: then we wait
+            self.warnings.append("could not blocklist the dead client %s of a killed restore (%s); waiting for "
+                                 "Ceph to drop its watch instead" % (addr, exc))
+
+    def _dead_owner_watchers(self, watchers, owner):
+        """The watchers that are the Ceph client of ``owner``, a restore of ours that is provably dead
+        (else [])."""
+        if not owner or not owner_is_dead(owner):
+            return []
+        return [w for w in watchers if str(w.get("id")) == str(owner.get("client"))]
+
     def _writing(self, img, write_zeroes):
         """The sink of the image opened for writing (after prepare_session); checks its cache mode."""
         self.img = img
@@ -415,17 +443,7 @@ class NewRbdImage(RbdTarget):
 
     def _leftover_state(self):
         """(watchers, snapshots, owner record or None) of the partial image, or None when it is gone."""
-        img = self._open(self.temp, read_only=True)
-        if img is None:
-            return None
-        try:
-            try:
-                owner = json.loads(img.metadata_get(OWNER_KEY))
-            except Exception:  # pylint: disable=broad-except  # KeyError (none), rbd.Error, bad JSON
-                owner = None
-            return _watchers(img), [s["name"] for s in img.list_snaps()], owner
-        finally:
-            img.close()
+        return self._state(self.temp)
 
     def remove_leftover(self):
         """Remove the partial image a killed restore left, and only one that is ours and no longer written.
@@ -481,13 +499,6 @@ class NewRbdImage(RbdTarget):
         else:
             self.warnings.append("removed %s, left by an interrupted restore" % self._spec(self.temp))
         self._remove(self.temp)
-
-    def _blocklist(self, addr):
-        try:
-            self.sess.cluster.blocklist_add(addr, BLOCKLIST_SECONDS)
-        except Exception as exc:  # pylint: disable=broad-except  # rados.PermissionError...: then we wait
-            self.warnings.append("could not blocklist the dead client %s of a killed restore (%s); waiting for "
-                                 "Ceph to drop its watch instead" % (addr, exc))
 
     def open_temp(self):
         """Open the temporary image and record who writes it (OWNER_KEY), its object map (and fast-diff)
@@ -571,6 +582,9 @@ class RbdInPlace(RbdTarget):
         super().__init__(params)
         self.safety_snapshot = None
         self.size = None
+        self.dead = []  # watchers of the image that are the client of a killed restore of ours
+        wait = params.get("dead_client_wait")
+        self.dead_client_wait = DEAD_CLIENT_WAIT if wait is None else wait
 
     def would(self, point):
         return "roll back %s in place (safety snapshot first)" % self.spec
@@ -584,23 +598,63 @@ class RbdInPlace(RbdTarget):
             raise ConflictError("image %s already exists; set force: true to roll it back in place" % self.spec,
                                 image=self.spec)
         if watchers:
-            raise ConflictError("image %s is open by %s (a running VM?); stop it before rolling it back"
-                                % (self.spec, ", ".join(watchers)), image=self.spec, watchers=watchers)
+            # Only the client of a killed in-place restore of ours, provably dead, is let through (open()
+            # blocklists it); anything else may be a running VM.
+            state = self._state(self.image)
+            every, owner = (state[0], state[2]) if state else ([], None)
+            self.dead = self._dead_owner_watchers(every, owner)
+            if not every or len(self.dead) != len(every):
+                raise ConflictError("image %s is open by %s (a running VM?); stop it before rolling it back (if it "
+                                    "is a restore killed on another host, Ceph drops its client within "
+                                    "osd_client_watch_timeout, 30 s by default: try again then)"
+                                    % (self.spec, ", ".join(watchers)), image=self.spec, watchers=watchers)
+            self.warnings.append("%s is still watched by %s, the Ceph client of a killed restore (pid %s on this "
+                                 "host): it is blocklisted for %d s before the rollback, so that its watch and lock end"
+                                 % (self.spec, ", ".join(_describe_watchers(self.dead)), owner.get("pid"),
+                                    BLOCKLIST_SECONDS))
 
     def open(self, point, layer=None):
         self.size = point["size"]
+        if self.dead:
+            self._end_dead_watches()
         self.prepare_session(self.image)
         img = self.open_in_place(self.size)
         return self._writing(img, write_zeroes=True)
 
+    def _end_dead_watches(self):
+        """Blocklist the dead clients found by check() and wait (bounded) until their watches are gone."""
+        for watcher in self.dead:
+            self._blocklist(watcher.get("addr"))
+        ids = set(str(w.get("id")) for w in self.dead)
+        started = time.monotonic()
+        while True:
+            state = self._state(self.image)
+            if state is None or not [w for w in state[0] if str(w.get("id")) in ids]:
+                return
+            if time.monotonic() - started >= self.dead_client_wait:
+                raise ConflictError("image %s is still watched by %s, the client of a killed restore, %d s after "
+                                    "blocklisting it; try again later" % (
+                                        self.spec, ", ".join(_describe_watchers(self.dead)), self.dead_client_wait),
+                                    image=self.spec)
+            time.sleep(POLL_SECONDS)
+
+    def _forget_owner(self):
+        try:
+            self.img.metadata_remove(OWNER_KEY)
+        except Exception:  # pylint: disable=broad-except  # KeyError: none; the record is only a hint
+            pass
+
     def commit(self):
         try:
+            self._forget_owner()
             self.img.flush()
         finally:
             self._close_image()  # releases the exclusive lock
 
     def abort(self, exc=None):
         opened = self.img is not None
+        if opened:
+            self._forget_owner()
         self._close_image()
         if opened and isinstance(exc, SnapchainError):
             exc.msg += (" -- the image is partly rolled back; its state before the restore is in the safety "
@@ -632,6 +686,10 @@ class RbdInPlace(RbdTarget):
                 except rbd.Error as exc:
                     raise ConflictError("cannot take the exclusive lock of %s: %s" % (self.spec, exc),
                                         image=self.spec)
+            try:  # who writes it, so that a run after a kill of this one can tell (see check)
+                img.metadata_set(OWNER_KEY, json.dumps(owner_record(self.sess.cluster), sort_keys=True))
+            except rbd.Error:
+                pass
             names = [s["name"] for s in img.list_snaps()]
             self.safety_snapshot = safety_snapshot_name(names)
             try:
