@@ -210,5 +210,3 @@ def human(n):
             return ("%d %s" % (n, unit)) if unit == "B" else ("%.1f %s" % (n, unit))
         n /= 1024.0
     return str(n)
-
-
