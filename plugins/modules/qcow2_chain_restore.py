@@ -22,7 +22,8 @@ description:
   - A new RBD image is written under the name C(<image>.snapchain-partial) and renamed when complete, with its object
     map (and fast-diff) off while it is written, then turned back on and rebuilt, so that it ends with the pool's
     default features and a valid object map. A file is written to C(.<name>.partial) beside it, fsynced and renamed. An
-    interrupted restore never leaves a partial image or file under the final name; the next run removes the leftover.
+    interrupted restore never leaves a partial image or file under the final name; the next run removes the leftover
+    (for an image, once Ceph no longer sees the killed run's client, see O(dead_client_wait)).
   - No repository lock is needed, QEMU's image locks keep retention from changing the layers being read (the restore
     takes on every layer the shared read locks C(qemu-nbd --read-only) takes, so C(qemu-img commit) fails meanwhile),
     and a backup running at the same time only adds a new layer. A restore is never blocked by a long backup.
@@ -82,7 +83,9 @@ options:
   in_place:
     description:
       - Roll the existing O(rbd) image back to the point, keeping its identity and snapshots. Needs O(force).
-      - Refused while any client has the image open (stop the VM first). The exclusive lock is taken, then a safety
+      - Refused while any client has the image open (stop the VM first), except the Ceph client of an in-place
+        restore killed on this host (it recorded itself on the image), which is blocklisted so that its watch and
+        lock end (a warning says so). The exclusive lock is taken, then a safety
         snapshot C(snapchain-safety-<UTC stamp>) of the current state (kept; RV(safety_snapshot) names it), then the
         image is resized to the point's size if needed and every byte is written (data and zeroes).
     type: bool
@@ -116,6 +119,16 @@ options:
     description: Writes in flight at once (1 to 64), with as many reads ahead; memory is about O(parallel) x 8 MiB.
     type: int
     default: 8
+  dead_client_wait:
+    description:
+      - With O(rbd), the longest time in seconds (0 to 3600) to wait for Ceph to drop the client of a
+        killed restore that still watches the C(<image>.snapchain-partial) image it left, before that image can be
+        removed. Ceph drops a dead client's watch after the OSDs' C(osd_client_watch_timeout) (30 seconds by default).
+      - Not needed when the killed restore ran on this host. It recorded itself on the partial image, so the next run
+        sees that its process is gone and blocklists its Ceph client (C(ceph osd blocklist add), for one hour, allowed
+        by C(profile rbd)), which ends the watch at once. A restore still running is never waited for or touched.
+    type: int
+    default: 45
   progress_file:
     description:
       - A JSON file rewritten atomically about every 2 seconds while the restore runs, and a last time when it ends
@@ -285,6 +298,14 @@ direct_io_refused:
   description: Why O_DIRECT was not used (or stopped being used) for a raw file or a block device; null if it was.
   returned: success, not in check mode, for a raw file or a block device
   type: str
+rbd_cache:
+  description:
+    - For O(rbd), the librbd cache the image was written with, V(off) or its C(rbd_cache_policy) (V(writearound),
+      V(writethrough), V(writeback)). The restore asks for no cache, but an image's or pool's C(rbd config) wins; the
+      result is as exact either way (librbd completes a write only once it no longer needs the buffer), only slower.
+  returned: success, not in check mode, for O(rbd)
+  type: str
+  sample: "off"
 reader:
   description:
     - How the point was read, V(qcow2) (its layer files read directly) or V(qemu-nbd) (the fallback, see
@@ -336,6 +357,7 @@ def main():
             device=dict(type="path"),
             force=dict(type="bool", default=False),
             parallel=dict(type="int", default=8),
+            dead_client_wait=dict(type="int", default=45),
             progress_file=dict(type="path"),
         ),
         mutually_exclusive=[("rbd", "file", "device"), ("point", "before")],

@@ -15,7 +15,9 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
+import time
 import uuid
 
 import pytest
@@ -96,6 +98,16 @@ def chain(lab, tmp_path_factory):
         yield dict(dir=chain_dir, image=name, points=points, shas=shas, conn=conn, work=work)
     finally:
         remove_image(lab, name)
+
+
+def warnings_text(result):
+    """The module's warnings as one string (ansible-core gives each as a str, or as a dict with the
+    text in ``msg`` or ``event.msg``)."""
+    def text(warning):
+        if isinstance(warning, dict):
+            return warning.get("msg") or (warning.get("event") or {}).get("msg") or str(warning)
+        return str(warning)
+    return " ".join(text(w) for w in result.get("warnings") or [])
 
 
 def restore(chain, **args):
@@ -517,3 +529,238 @@ def test_leftovers_of_an_interrupted_restore_are_taken_over(lab, chain, tmp_path
     (tmp_path / ".disk.raw.partial").write_bytes(b"half a restore")
     restore(chain, file=str(dest))
     assert sha256_file(dest) == chain["shas"][-1] and sorted(os.listdir(tmp_path)) == ["disk.raw"]
+
+
+@pytest.fixture
+def cache_on(lab):
+    """Turn the librbd cache on for an image (``rbd config image set``) or a whole pool (``rbd config pool
+    set``), with the cache policy ``mode`` (writearound is Ceph 16's default); removed again at the end."""
+    undo = []
+
+    def turn_on(level, name, mode):
+        settings = [("rbd_cache", "true"), ("rbd_cache_policy", mode)]
+        for key, value in settings:
+            lab.rbd("config", level, "set", name, key, value)
+            undo.append((level, name, key))
+        assert lab.rbd("config", level, "get", name, "rbd_cache").stdout.strip() == "true"
+    yield turn_on
+    for level, name, key in reversed(undo):
+        lab.rbd("config", level, "remove", name, key, check=False)
+
+
+CACHE_POLICIES = ["writearound", "writethrough", "writeback"]
+
+
+@pytest.mark.parametrize("mode", CACHE_POLICIES)
+def test_in_place_restore_with_the_image_cache_on_is_byte_exact(lab, chain, tmp_path, cache_on, mode):
+    """Defect 6: the restore hands librbd its pooled buffers without a copy (zero copy) and reuses them
+    once the aio_write completes, whatever cache the image has: an image-level ``rbd_cache true`` wins
+    over the session's ``rbd_cache false``.
+
+    Before the fix, writethrough HUNG (every write in flight waiting forever, seen here): librbd holds
+    a zero-copy write's completion back until it has dropped its last reference to the buffer
+    (librbd.cc create_write_raw, UserBufferDeleter), and a writethrough cache keeps the written data
+    as clean cache buffers still pointing into ours.  The bytes themselves were exact under
+    writearound and writeback before the fix too, and cannot be made to differ: the completion rule
+    above, and a writeback cache turns zero copy off (ObjectCacherObjectDispatch::init).  Hence a
+    short module timeout here: a hang fails in two minutes instead of ten."""
+    target = "rst-cache-" + uuid.uuid4().hex[:6]
+    with pool_ioctx(lab, "admin") as ioctx:
+        rbd.RBD().create(ioctx, target, 48 * MiB)
+        with rbd.Image(ioctx, target) as img:
+            img.write(rng.randbytes(48 * MiB), 0)
+    cache_on("image", "%s/%s" % (lab.pool, target), mode)
+    try:
+        for n in (4, 0, 2):
+            r = module_runner.run("qcow2_chain_restore", dict(
+                chain["conn"], chain=chain["dir"], point=chain["points"][n]["name"], in_place=True, force=True,
+                rbd=dict(pool=lab.pool, image=target), parallel=16), timeout=120)
+            assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
+            assert r["rbd_cache"] == mode and "librbd cache is on" in warnings_text(r)
+    finally:
+        remove_image(lab, target)
+
+
+@pytest.mark.parametrize("mode", CACHE_POLICIES)
+def test_new_image_in_a_pool_with_the_cache_on_is_byte_exact(lab, chain, tmp_path, cache_on, mode):
+    cache_on("pool", lab.pool, mode)
+    for n in (4, 1):
+        target = "rst-pcache-%d-%s" % (n, uuid.uuid4().hex[:6])
+        try:
+            r = module_runner.run("qcow2_chain_restore", dict(
+                chain["conn"], chain=chain["dir"], point=chain["points"][n]["name"],
+                rbd=dict(pool=lab.pool, image=target), parallel=16), timeout=120)
+            assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][n], "point p%d" % n
+            assert r["rbd_cache"] == mode and "librbd cache is on" in warnings_text(r)
+        finally:
+            remove_image(lab, target)
+
+
+def kill_mid_copy(proc, has_data, timeout=60):
+    """SIGKILL the module process ``proc`` once ``has_data()`` says the copy has begun: it is stopped
+    (SIGSTOP) before each look, so that it cannot finish in between; False if it ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            if has_data():
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return True
+        finally:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.003)
+    raise AssertionError("the restore neither wrote data nor ended in %d s" % timeout)
+
+
+def start_restore(chain, boot_id_file=None, **args):
+    """Start a restore of the latest point; with ``boot_id_file``, in a mount namespace where the
+    kernel's boot_id reads as that file: to this host, as if the restore ran on another one."""
+    if boot_id_file is None:
+        return module_runner.start("qcow2_chain_restore", dict(chain["conn"], chain=chain["dir"], **args))
+    argv, env, path = module_runner._argv_env(  # pylint: disable=protected-access
+        "qcow2_chain_restore", dict(chain["conn"], chain=chain["dir"], **args))
+    script = "mount --bind %s /proc/sys/kernel/random/boot_id && exec \"$@\"" % boot_id_file
+    proc = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"] + argv,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.args_file = path
+    return proc
+
+
+def killed_restore(chain, has_data, cleanup, boot_id_file=None, **args):
+    """Start a restore of the latest point and SIGKILL it mid-copy (``cleanup`` and again if it was too quick)."""
+    for _attempt in range(10):
+        proc = start_restore(chain, boot_id_file, parallel=1, **args)
+        try:
+            if kill_mid_copy(proc, has_data):
+                return
+        finally:
+            module_runner.finish(proc)
+        cleanup()
+    pytest.fail("every restore ended before it could be killed mid-copy")
+
+
+def partial_image_has_data(lab, name):
+    def look():
+        with pool_ioctx(lab) as ioctx:
+            try:
+                with rbd.Image(ioctx, name, read_only=True) as img:
+                    return any(img.read(0, MiB))
+            except rbd.ImageNotFound:
+                return False
+    return look
+
+
+def watchers(lab, name):
+    with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, name, read_only=True) as img:
+        return list(img.watchers_list())
+
+
+@pytest.mark.parametrize("owner_known", [True, False])
+def test_a_restore_rerun_at_once_after_a_killed_one_succeeds(lab, chain, tmp_path, owner_known):
+    """Defect 5: a restore into a new image is SIGKILLed mid-copy; Ceph still sees the dead client's watch
+    on <image>.snapchain-partial (for osd_client_watch_timeout, 30 s); the rerun at once must succeed.
+    The killed run recorded itself on the partial image: the rerun sees its process is gone and
+    blocklists its client (at once).  When that cannot be proven (a restore from another host:
+    simulated by a killed run that saw another boot_id), the rerun waits, bounded, for Ceph to drop
+    the watch.  (The partial image is not touched in between: opening it for writing would break the
+    dead client's exclusive lock, which blocklists it too.)"""
+    target = "rst-kill-" + uuid.uuid4().hex[:6]
+    partial = target + ".snapchain-partial"
+    dest = dict(pool=lab.pool, image=target)
+    other_boot = None
+    if not owner_known:
+        other_boot = tmp_path / "boot_id"
+        other_boot.write_text(str(uuid.uuid4()) + "\n")
+    try:
+        killed_restore(chain, partial_image_has_data(lab, partial), lambda: remove_image(lab, target),
+                       boot_id_file=other_boot, rbd=dest)
+        assert target not in image_names(lab) and partial in image_names(lab)
+        assert watchers(lab, partial), "Ceph no longer sees the killed client: the test shows nothing"
+        started = time.monotonic()
+        r = restore(chain, rbd=dest, dead_client_wait=60)
+        took = time.monotonic() - started
+        assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
+        assert partial not in image_names(lab)
+        text = warnings_text(r)
+        if owner_known:
+            assert "blocklisted" in text and took < 20, text
+        else:
+            assert "after waiting" in text, text
+    finally:
+        remove_image(lab, partial)
+        remove_image(lab, target)
+
+
+def test_a_killed_restore_waits_no_longer_than_dead_client_wait(lab, chain, tmp_path):
+    target = "rst-killw-" + uuid.uuid4().hex[:6]
+    partial = target + ".snapchain-partial"
+    dest = dict(pool=lab.pool, image=target)
+    try:
+        other_boot = tmp_path / "boot_id"
+        other_boot.write_text(str(uuid.uuid4()) + "\n")
+        killed_restore(chain, partial_image_has_data(lab, partial), lambda: remove_image(lab, target),
+                       boot_id_file=other_boot, rbd=dest)
+        started = time.monotonic()
+        r = restore_failing(chain, rbd=dest, dead_client_wait=3)
+        assert time.monotonic() - started < 15
+        assert "dead_client_wait" in r["msg"] and "blocklist" in r["msg"] and target not in image_names(lab)
+    finally:
+        remove_image(lab, partial)
+        remove_image(lab, target)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_a_killed_restore_to_a_file_leaves_nothing_under_the_final_name(chain, tmp_path, fmt):
+    dest = tmp_path / ("disk." + fmt)
+    partial = tmp_path / (".disk.%s.partial" % fmt)
+
+    def has_data():
+        try:
+            return os.stat(partial).st_blocks > 0
+        except FileNotFoundError:
+            return False
+
+    killed_restore(chain, has_data, dest.unlink, file=str(dest), format=fmt)
+    time.sleep(0.5)  # qemu-img convert (qcow2) gets SIGTERM when its parent dies
+    assert not dest.exists() and partial.exists()
+    r = restore(chain, file=str(dest), format=fmt)
+    assert sorted(os.listdir(tmp_path)) == [dest.name]
+    assert "interrupted restore" in warnings_text(r)
+    got = sha256_file(dest) if fmt == "raw" else point_sha(dest, tmp_path)
+    assert got == chain["shas"][-1]
+
+
+def test_an_in_place_restore_rerun_at_once_after_a_killed_one_succeeds(lab, chain, tmp_path):
+    """Defect 5, in place: the killed run's client still watches (and locks) the image itself, which
+    would otherwise read as "open by ... (a running VM?)" for osd_client_watch_timeout."""
+    target = "rst-killip-" + uuid.uuid4().hex[:6]
+    with pool_ioctx(lab, "admin") as ioctx:
+        rbd.RBD().create(ioctx, target, 48 * MiB)
+        with rbd.Image(ioctx, target) as img:
+            img.write(rng.randbytes(48 * MiB), 0)
+            garbage = img.read(0, MiB)
+
+    def rolling_back():
+        with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, target, read_only=True) as img:
+            return img.read(0, MiB) != garbage
+
+    def undo():  # the restore was too quick: put the garbage back
+        with pool_ioctx(lab, "admin") as ioctx, rbd.Image(ioctx, target) as img:
+            img.write(garbage, 0)
+
+    dest = dict(pool=lab.pool, image=target)
+    try:
+        killed_restore(chain, rolling_back, undo, rbd=dest, in_place=True, force=True)
+        assert watchers(lab, target), "Ceph no longer sees the killed client: the test shows nothing"
+        started = time.monotonic()
+        r = restore(chain, rbd=dest, in_place=True, force=True)
+        assert time.monotonic() - started < 25 and "killed restore" in warnings_text(r)
+        assert rbd_export_sha(lab, "%s/%s" % (lab.pool, target), tmp_path) == chain["shas"][-1]
+        with pool_ioctx(lab) as ioctx, rbd.Image(ioctx, target, read_only=True) as img:
+            assert "snapchain.restore.owner" not in dict(img.metadata_list())
+    finally:
+        remove_image(lab, target)

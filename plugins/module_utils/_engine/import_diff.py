@@ -32,7 +32,8 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, scan
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import Progress, nocache_flag
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import Progress
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd import nocache_flag
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import Window
 
 SPARSE_SIZE = 4096  # rbd's RBD_DEFAULT_SPARSE_SIZE

@@ -18,6 +18,7 @@ import pytest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2 import reader as qm
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import restore as _restore
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets import base as _base
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO
 
@@ -445,7 +446,7 @@ def test_a_layer_being_written_is_refused(tmp_path):
 
 # -- the restore's copier and its fallback ---------------------------------------------------------
 
-class RecordingSink(_restore.SinkCounters):
+class RecordingSink(_base.SinkCounters):
     ordered = False
     zero_method = None
 

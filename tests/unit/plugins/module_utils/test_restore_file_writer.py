@@ -1,7 +1,7 @@
 # -*- coding: utf-8 -*-
 # Copyright: snapchain developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The restore's raw-file and device writers (_restore.DirectWrites: O_DIRECT, else the page cache).
+"""The restore's raw-file and device writers (_targets.base.DirectWrites: O_DIRECT, else the page cache).
 
 Every restore here must give exactly the bytes of ``qemu-img convert -O raw`` of the point, whichever
 way the data went: O_DIRECT from page-aligned buffers, an unaligned head or tail through the page
@@ -25,6 +25,9 @@ import pytest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import restore as _restore
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets import base as _base
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets import device as _device
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets import file as _file
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None or shutil.which("qemu-io") is None,
@@ -93,18 +96,18 @@ def sinks(monkeypatch):
     """The FileSinks and DeviceSinks the restore makes, to look at after it."""
     made = []
 
-    class RecordingFileSink(_restore.FileSink):
+    class RecordingFileSink(_file.FileSink):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    class RecordingDeviceSink(_restore.DeviceSink):
+    class RecordingDeviceSink(_device.DeviceSink):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(_restore, "FileSink", RecordingFileSink)
-    monkeypatch.setattr(_restore, "DeviceSink", RecordingDeviceSink)
+    monkeypatch.setattr(_file, "FileSink", RecordingFileSink)
+    monkeypatch.setattr(_device, "DeviceSink", RecordingDeviceSink)
     return made
 
 
@@ -115,10 +118,10 @@ def no_o_direct(refuse_o_direct):
 
 
 def restore_raw(top, dest, size, parallel=4):
-    target = _restore.FileTarget(str(dest), "raw", False, 0o640)
-    target.check()
+    target = _file.RawFile(str(dest), False, 0o640)
+    target.check(dict(size=size))
     result = {}
-    _restore._restore_raw(target, top, dict(size=size), parallel, _restore.Progress(None), result)
+    _restore.run_target(target, top, dict(size=size), parallel, _restore.Progress(None), result)
     return result
 
 
@@ -198,7 +201,7 @@ def test_raw_file_when_a_direct_write_is_refused(tmp_path, sinks, monkeypatch):
     if not o_direct_works(tmp_path):
         pytest.skip("no O_DIRECT in %s" % tmp_path)
     top, size = one_layer_odd_size(tmp_path)
-    real = _restore.pwrite_all
+    real = _base.pwrite_all
     refused = []
 
     def picky(fd, data, offset, path):
@@ -207,7 +210,7 @@ def test_raw_file_when_a_direct_write_is_refused(tmp_path, sinks, monkeypatch):
             raise TransferError("refused", offset=offset, errno=errno.EINVAL)
         return real(fd, data, offset, path)
 
-    monkeypatch.setattr(_restore, "pwrite_all", picky)
+    monkeypatch.setattr(_base, "pwrite_all", picky)
     dest = tmp_path / "disk.raw"
     restore_raw(top, dest, size)
     assert dest.read_bytes() == converted(top, tmp_path)
@@ -274,7 +277,7 @@ def test_a_full_filesystem_is_a_transfer_error_with_errno_and_leaves_no_file(
     if not direct:
         request.getfixturevalue("no_o_direct")
     top = layer(tmp_path / "a.qcow2", 24 * MiB, ops=[("data", 0, 16 * MiB)])
-    monkeypatch.setattr(_restore, "_free_bytes", lambda _directory: 1 << 40)
+    monkeypatch.setattr(_file, "_free_bytes", lambda _directory: 1 << 40)
     with pytest.raises(TransferError) as caught:
         restore_raw(top, tiny_fs / "disk.raw", 24 * MiB)
     assert caught.value.details.get("errno") == errno.ENOSPC
@@ -303,7 +306,7 @@ def test_writes_of_any_alignment_from_any_buffer(tmp_path, direct):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         os.ftruncate(fd, size)
-        with _restore.FileSink(fd, str(path), direct=direct) as sink:
+        with _file.FileSink(fd, str(path), direct=direct) as sink:
             assert sink.direct is (direct and o_direct_works(tmp_path))
             for offset, length, kind in ((0, 4096, bytes), (8192, 512, bytes), (12 * KiB + 512, 3 * 4096, bytearray),
                                          (64 * KiB, MiB, "mmap"), (2 * MiB + 1536, MiB + 1024, "mmap+512"),
@@ -351,10 +354,10 @@ def test_device_reads_like_qemu_img_convert_and_zero_ranges_are_zeroed(tmp_path,
     top, size = one_layer_odd_size(tmp_path)
     dev, backing = loop(size + MiB)
     before = backing.read_bytes()
-    target = _restore.DeviceTarget(dev, False)
-    target.check(size)
+    target = _device.BlockDevice(dev, False)
+    target.check(dict(size=size))
     result = {}
-    _restore._restore_device(target, top, dict(size=size), 4, _restore.Progress(None), result)
+    _restore.run_target(target, top, dict(size=size), 4, _restore.Progress(None), result)
     with open(dev, "rb") as fh:
         got = fh.read(size + MiB)
     assert got[:size] == converted(top, tmp_path)

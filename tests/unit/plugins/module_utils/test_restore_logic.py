@@ -6,13 +6,15 @@ import random
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import restore as _restore
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import (
-    DeviceSink, FileTarget, Progress, check_params, describe_points, device_users, parse_mountinfo, parse_time, plan,
-    select_point)
+    Progress, check_params, describe_points, parse_time, plan, select_point)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets import device as _device
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.device import (
+    DeviceSink, device_users, parse_mountinfo)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.file import FileTarget
 
 UTC = datetime.timezone.utc
 MiB = 1 << 20
@@ -199,7 +201,7 @@ def test_device_sink_zeroes_ranges_whatever_works(tmp_path, monkeypatch, force_f
                 ctypes.set_errno(errno.EOPNOTSUPP)
                 return -1
             return fail
-        monkeypatch.setattr(_restore, "_fallocate", broken)
+        monkeypatch.setattr(_device, "_fallocate", broken)
     fd = os.open(path, os.O_RDWR)
     try:
         sink = DeviceSink(fd, str(path), 512)
@@ -253,3 +255,68 @@ def test_file_target_space_check(tmp_path):
         target.check_space(1 << 60)
     assert "free" in err.value.msg
     target.check_space(1)
+
+
+BAD_INPUTS = [
+    # (what a person might write, the message they get: each says what is wrong and what to write instead)
+    (dict(file="/r/x", parallel=0),
+     "parallel: 0 is out of range: give the number of writes in flight from 1 to 64 (default 8)"),
+    (dict(file="/r/x", parallel=-3),
+     "parallel: -3 is out of range: give the number of writes in flight from 1 to 64 (default 8)"),
+    (dict(file="/r/x", parallel=65),
+     "parallel: 65 is out of range: give the number of writes in flight from 1 to 64 (default 8)"),
+    (dict(file="/r/x", parallel=True),
+     "parallel must be a whole number from 1 to 64 (the number of writes in flight), not True"),
+    (dict(rbd=dict(pool="rbd", image="x"), dead_client_wait=-1),
+     "dead_client_wait: -1 is out of range: give the seconds to wait for Ceph to drop a killed restore's client "
+     "from 0 to 3600 (default 45)"),
+    (dict(rbd=dict(pool="rbd", image="x"), dead_client_wait=86400),
+     "dead_client_wait: 86400 is out of range"),
+    (dict(), "say where to restore: give exactly one destination, rbd (an RBD image), file (a raw or qcow2 file) "
+             "or device (a block device); got none"),
+    (dict(rbd=dict(pool="rbd", image="x"), device="/dev/sdz"), "got rbd and device"),
+    (dict(rbd=dict(pool="rbd", image=""),), "rbd needs image: the name of the image to restore into"),
+    (dict(rbd=dict(pool="", image="x"),), "rbd needs pool: the pool to restore into"),
+    (dict(rbd=dict(pool="rbd", image="vm1.snapchain-partial")),
+     "rbd image 'vm1.snapchain-partial' ends with .snapchain-partial, the name a restore writes under"),
+    (dict(device="/dev/sdz", in_place=True, force=True), "in_place rolls back an RBD image: it needs an rbd destination"),
+    (dict(rbd=dict(pool="rbd", image="x"), in_place=True), "in_place overwrites the image x and needs force: true"),
+    (dict(rbd=dict(pool="rbd", image="x"), format="qcow2"), "format applies to a file destination only"),
+    (dict(file="/r/x", format="vmdk"), "format must be one of raw, qcow2, not 'vmdk'"),
+    (dict(file="/r/x", mode="rw-r--r--"), "mode 'rw-r--r--' is not an octal mode like '0700'"),
+    (dict(file="/r/x", mode="17777"), "mode '17777' is out of range"),
+    (dict(file="/r/"), "file '/r/' names a directory: give the path of the file to write"),
+    (dict(file="/backup/repo/vm1/disk.raw", chain="/backup/repo/vm1"),
+     "file /backup/repo/vm1/disk.raw is inside the repository /backup/repo/vm1: restore it somewhere else"),
+    (dict(file="/r/x", point="20261122T030000Z", before="2026-11-22T03:00Z"), "give either point or before, not both"),
+    (dict(file="/r/x", before="yesterday"), "before 'yesterday' is not a time with a zone"),
+    (dict(file="/r/x", before="2026-11-20T03:00"), "is not a time with a zone"),
+    (dict(file="/r/x", progress_file="/nonexistent/dir/p.json"),
+     "the directory of progress_file /nonexistent/dir/p.json does not exist"),
+]
+
+
+@pytest.mark.parametrize("params, message", BAD_INPUTS)
+def test_every_bad_input_is_refused_before_anything_with_a_message_that_says_what_to_do(params, message):
+    with pytest.raises(InputError) as err:
+        check_params(params)
+    assert message in err.value.msg
+
+
+def test_progress_file_that_is_a_directory_or_the_restored_file_is_refused(tmp_path):
+    with pytest.raises(InputError) as err:
+        check_params(dict(file=str(tmp_path / "disk.raw"), progress_file=str(tmp_path)))
+    assert "is a directory: give the path of a file" in err.value.msg
+    same = str(tmp_path / "disk.raw")
+    with pytest.raises(InputError) as err:
+        check_params(dict(file=same, progress_file=same))
+    assert "the progress would overwrite the restored disk" in err.value.msg
+
+
+@pytest.mark.parametrize("params", [
+    dict(file="/r/x"), dict(file="/r/x", parallel=1), dict(file="/r/x", parallel=64), dict(file="/r/x", parallel=None),
+    dict(rbd=dict(pool="rbd", image="x"), dead_client_wait=0), dict(device="/dev/sdz", dead_client_wait=45),
+    dict(rbd=dict(pool="rbd", image="x"), in_place=True, force=True), dict(file="/r/x.qcow2", format="qcow2"),
+])
+def test_good_inputs_pass(params):
+    check_params(params)
