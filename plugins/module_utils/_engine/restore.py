@@ -58,11 +58,11 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero, parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, total
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.device import BlockDevice
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import DEFAULT_CHUNK, Window, copy_extents
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.file import FORMATS, Qcow2File, RawFile
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd import (
     DEAD_CLIENT_WAIT, PARTIAL_IMAGE_SUFFIX, NewRbdImage, RbdInPlace)
 
-DEFAULT_CHUNK = 4 << 20
 ZERO_PIECE = 1 << 30  # zero extents are cut to this size (parallelism, progress)
 PROGRESS_INTERVAL = 2.0
 # Reader threads of copy_mapped: the kernel's readahead already keeps the disk busy; more threads
@@ -391,7 +391,6 @@ class NbdSource:
 
 def copy(source, extents, sink, parallel, progress):
     """Copy the point's extents into ``sink``; return the transfer Stats."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import copy_extents
 
     def report(stats):
         progress.update(bytes_done=stats.bytes_read, zero_done=sink.zero_written)
@@ -662,9 +661,9 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
     """Copy every job of ``point_map`` into ``sink``; return (bytes read, write and zero operations).
 
     Two stages, so that reading (the disk) and writing (the network, librbd) overlap: READERS
-    threads read ahead, in order; ``parallel`` writer threads write (``sink.write``, or
-    ``sink.zero`` for zero ranges and all-zero data).  At most ``2 * parallel`` jobs are in
-    flight.  Whole-chunk jobs are read into bytearrays taken from a pool and given back once
+    threads read ahead, in order; ``parallel`` writer threads of the copy engine's Window write
+    (``sink.write``, or ``sink.zero`` for zero ranges and all-zero data).  At most
+    ``2 * parallel`` jobs are in flight.  Whole-chunk jobs are read into bytearrays taken from a pool and given back once
     written (a sink is done with the data when ``write`` returns: RbdSink waits for librbd),
     so memory is a fixed ``chunk`` x (jobs in flight + readers) whatever the image size, and is
     not allocated and faulted in again for every chunk (page faults are costly in VMs).
@@ -707,31 +706,23 @@ def copy_mapped(point_map, sink, parallel, progress, chunk=DEFAULT_CHUNK, zero_p
             counts[0] += 0 if reading is None else length
             counts[1] += 1
 
-    def finish_one():
-        window.popleft().result()
+    def written(_result):
         with lock:
             done = counts[0]
         progress.update(bytes_done=done, zero_done=sink.zero_written)
 
-    window = collections.deque()
     readers = concurrent.futures.ThreadPoolExecutor(max_workers=READERS, thread_name_prefix="snapchain-read")
-    writers = concurrent.futures.ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="snapchain-write")
-    failed = True
     try:
-        for offset, length, pieces in point_map.jobs(chunk, zero_piece):
-            reading = None if pieces is None else readers.submit(read, length, pieces)
-            window.append(writers.submit(write, offset, length, reading))
-            while len(window) >= 2 * parallel:
-                finish_one()
-        while window:
-            finish_one()
-        failed = False
+        with Window(parallel, written, name="snapchain-write") as window:
+            try:
+                for offset, length, pieces in point_map.jobs(chunk, zero_piece):
+                    reading = None if pieces is None else readers.submit(read, length, pieces)
+                    window.submit(write, offset, length, reading)
+            except BaseException:
+                # reads not started yet are dropped (a writer waiting for one ends at once)
+                readers.shutdown(wait=False, cancel_futures=True)
+                raise
     finally:
-        # On a failure, reads and writes not started yet are dropped (a writer waiting for a
-        # dropped read ends at once); the ones running end on their own.
-        if failed:
-            readers.shutdown(wait=False, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=failed)
         readers.shutdown(wait=True)
     return counts[0], counts[1]
 
