@@ -18,7 +18,7 @@ description:
     all-zero as zero clusters); an unchanged source still gives a point, with nothing written.
   - A full backup starts a new segment of the chain, and RV(full_reason) says why. It happens for the
     first backup, when the source size changed, when the latest point is marked bad or its block digests
-    are unusable or not keyed (written by an older version: a guest could craft blocks whose unkeyed
+    are unusable or not keyed (written by an older version; a guest could craft blocks whose unkeyed
     digests collide, so they are not trusted to decide that a block is unchanged), or with O(force_full).
   - With O(diff), an C(rbd diff v1) file (from C(rbd export-diff)) is replayed into a new layer on top
     of the latest point, like C(rbd import-diff). Its from-snapshot must be the latest point's snapshot;

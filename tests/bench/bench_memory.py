@@ -174,7 +174,7 @@ def digest_costs(gib=1.0, block=65536):
         key = os.urandom(_repo.KEY_SIZE) if _repo.is_keyed(algorithm) else None
         digest = _repo.Digester(algorithm, key)
         cpu, wall = time.process_time(), time.monotonic()
-        for _ in range(rounds):
+        for _round in range(rounds):
             for pos in range(0, len(view), block):
                 digest(view[pos:pos + block])
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
@@ -215,8 +215,8 @@ def main(argv=None):
     print("   direct qcow2 writer -> publish), then effective_digests of that point, then (unless --no-scan) a")
     print("   digest scan of the same source onto it (qcow2_chain_append's source mode: all read, nothing")
     print("   changed).  SYNTHETIC source (every block DATA, non-zero) and data clusters discarded.")
-    print("   Digest %s, parallel %d; target < %d MB whatever the size." % (args.digest, args.parallel,
-                                                                          TARGET_RSS_MB))
+    print("   Digest %s, parallel %d; target < %d MB whatever the size."
+          % (args.digest, args.parallel, TARGET_RSS_MB))
     print("   %9s %10s %8s %8s %8s %8s %8s %8s %10s %s" % (
         "size GiB", "blocks", "copy", "publish", "effect.", "scan", "full s", "scan s", "digests MB", "verdict"))
     for gib, r in rows:

@@ -1514,6 +1514,7 @@ class Repository:
             if not point.get("digests"):
                 raise RepositoryError("point %s has no block digests: the digests of %s are incomplete"
                                       % (point["name"], chain[-1]["name"]), point=point["name"])
+
         # One layer loaded at a time, and under the lock (a writer) spooled to files of the
         # repository: memory stays bounded whatever the disk size.  Close the result when done.
         def layers():

@@ -111,8 +111,6 @@ class SinkCounters:
             self.zero_skipped += zero_skipped
 
 
-
-
 class DirectWrites(SinkCounters):
     """Data writes of FileSink and DeviceSink: with O_DIRECT where the file or device takes it.
 
@@ -200,8 +198,6 @@ class DirectWrites(SinkCounters):
 
     def __exit__(self, exc_type, exc, tb):
         self.close()
-
-
 
 
 def human(n):

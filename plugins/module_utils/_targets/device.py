@@ -113,8 +113,6 @@ class DeviceSink(DirectWrites):
                                     % (length, offset, self.path, method, exc.strerror), offset=offset)
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # Block devices: who uses them
 
@@ -198,8 +196,6 @@ def device_users(rdev, sys_root="/sys", mountinfo=None, swaps=None):
             dm_name = _read(os.path.join(sysdir, "holders", holder, "dm", "name")).strip()
             users.append("%s is held by %s%s" % (names[devno], holder, " (%s)" % dm_name if dm_name else ""))
     return users
-
-
 
 
 class BlockDevice(Target):
