@@ -53,7 +53,7 @@ notes:
     point (each backed by the previous one through a relative path) and C(<layer>.digests). Every point
     is bootable by plain QEMU and restorable with C(qemu-img convert).
   - The block digests of new segments are BLAKE2b keyed by the repository's secret C(digest.key) (in the
-    disk directory, mode 0600, created by the first backup). Keep it with the repository (copy it along):
+    disk directory, mode 0600, created by the first backup). Keep it with the repository (copy it along);
     without it the keyed digests cannot be verified. A key file that group or others can read is refused.
   - A lock in the disk directory makes a second concurrent run on the same disk fail at once.
 requirements:
