@@ -37,9 +37,6 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COLLECTIONS = os.path.join(ROOT, "build", "collections")
-LINK = os.path.join(COLLECTIONS, "ansible_collections", "snapchain", "vmbackup")
 TARGET_RSS_MB = 300
 GiB = 1 << 30
 POINT = "20261201T000000Z"
@@ -47,14 +44,10 @@ SCAN_POINT = "20261202T000000Z"
 
 
 def _importable():
-    if not os.path.exists(LINK):
-        os.makedirs(os.path.dirname(LINK), exist_ok=True)
-        try:
-            os.symlink(ROOT, LINK)
-        except FileExistsError:
-            pass
-    if COLLECTIONS not in sys.path:
-        sys.path.insert(0, COLLECTIONS)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from collection_path import make_importable  # pylint: disable=import-outside-toplevel
+
+    make_importable()
 
 
 def vm_hwm_mb():
