@@ -419,6 +419,16 @@ class NbdPool:
             pos += n
         return out
 
+    def read(self, offset, length):
+        """The reader interface of the copy engine, verify and restore: ``length`` bytes at ``offset``."""
+        data = self.pread(length, offset)
+        return data if isinstance(data, bytes) else bytes(data)
+
+    def zero_extents(self, offset, length):
+        """The extents of [offset, offset+length) with what reads as zeroes (ZERO); [] when the
+        server cannot tell (then everything is read)."""
+        return self.block_status(offset, length) if self.can_block_status else []
+
     def block_status(self, offset=0, length=None):
         """Extents of the export in [offset, offset+length): DATA, or ZERO where it reads as zeroes.
 

@@ -377,18 +377,6 @@ def plan(extents, chunk=DEFAULT_CHUNK, zero_piece=ZERO_PIECE):
     return out
 
 
-class NbdSource:
-    """The point as qemu-nbd serves it: ``size``, thread-safe ``read``."""
-
-    def __init__(self, pool):
-        self.pool = pool
-        self.size = pool.size
-
-    def read(self, offset, length):
-        data = self.pool.pread(length, offset)
-        return data if isinstance(data, bytes) else bytes(data)
-
-
 def copy(source, extents, sink, parallel, progress):
     """Copy the point's extents into ``sink``; return the transfer Stats."""
 
@@ -581,7 +569,7 @@ class _PointReader:
         return self.pool.block_status()
 
     def source(self):
-        return NbdSource(self.pool)
+        return self.pool  # NbdPool has the reader interface (size, read)
 
     def measure(self):
         """Map the point: sets ``data_bytes`` and ``zero_bytes``."""

@@ -229,23 +229,8 @@ def hex_digest(digest):
 
 
 # --------------------------------------------------------------------------------------------
-# Readers: what a point, a snapshot or a restored file reads as
-
-
-class NbdReader:
-    """A point served by qemu-nbd (read-only), through an NbdPool."""
-
-    def __init__(self, pool):
-        self.pool = pool
-        self.size = pool.size
-
-    def zero_extents(self, offset, length):
-        if not self.pool.can_block_status:
-            return []
-        return self.pool.block_status(offset, length)
-
-    def read(self, offset, length):
-        return self.pool.pread(length, offset)
+# Readers: what a point, a snapshot or a restored file reads as (a point served by qemu-nbd is read
+# through its NbdPool, a snapshot through its Source: both have size, read and zero_extents)
 
 
 class FileReader:
@@ -757,7 +742,7 @@ def _check_point_data(repo, report, point, expected, opts, _nbd):
                                    % (name, pool.size, point["size"]))
                     out["skipped"] = "size differs"
                     return out
-                result = check_blocks(NbdReader(pool), expected, point["size"], block_size, ppm=opts["ppm"],
+                result = check_blocks(pool, expected, point["size"], block_size, ppm=opts["ppm"],
                                       digest=repo.digest_for(name),
                                       seed=seed, parallel=opts["parallel"], limit=opts["limit"])
             finally:
