@@ -156,7 +156,7 @@ def run_child(size, directory, parallel=8, digest="xxh3-128", scan=True, timeout
 def digest_costs(gib=1.0, block=65536):
     """[(algorithm, GiB/s on one thread, CPU seconds per GiB)] over ``gib`` GiB of 64 KiB blocks."""
     _importable()
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _repo
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests as _repo
     data = bytearray(os.urandom(1 << 20)) * 16  # 16 MiB, digested block by block, repeatedly
     view = memoryview(bytes(data))
     rounds = max(1, int(gib * GiB) // len(view))

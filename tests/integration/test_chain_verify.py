@@ -24,7 +24,8 @@ from ansible_runner import ROOT, playbook, pool_ioctx
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import verify as _verify
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import BlockDigests, Repository, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import BlockDigests, block_digest
 
 MiB = 1 << 20
 BS = 65536

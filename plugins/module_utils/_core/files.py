@@ -131,3 +131,23 @@ def all_zero(data):
         view = memoryview(view.tobytes())  # this local keeps the copy alive until memcmp returns
         where = _byte_address(view)
     return _memcmp()(where, where + 1, length - 1) == 0
+
+
+def write_file(path, data, mode):
+    """Write and fsync ``path`` (created with exactly ``mode``; replaced if it exists).
+
+    ``data``: bytes-like, or an iterable of bytes-like pieces written in turn.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    pieces = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+    fd = os.open(path, flags, mode)
+    try:
+        os.fchmod(fd, mode)
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

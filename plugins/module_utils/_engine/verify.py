@@ -73,8 +73,9 @@ import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    MANIFEST, PARTIAL_SUFFIX, ZERO_DIGEST, BlockDigests, Repository,
-    block_digest, read_qcow2_header, utc_iso)
+    MANIFEST, PARTIAL_SUFFIX, Repository, read_qcow2_header, utc_iso)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
+    ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CephError, CommandError, InputError, LockedError, NotFoundError, RepositoryError, SnapchainError,
     TransferError)

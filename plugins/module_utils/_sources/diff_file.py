@@ -28,8 +28,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
     ConflictError, DiffFormatError, InputError, NotFoundError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    BlockDigests, block_digest)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import BlockDigests, block_digest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
     DEFAULT_CHUNK, Stats, Window, block_runs)

@@ -29,7 +29,7 @@ import threading
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
     DIGEST_SIZE, ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError

@@ -11,8 +11,7 @@ import pytest
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    ZERO_DIGEST, block_digest)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import ZERO_DIGEST, block_digest
 
 MiB = 1 << 20
 
@@ -91,10 +90,10 @@ def test_a_block_that_hashes_like_zeroes_is_not_taken_for_zeroes(monkeypatch):
     """A digest collision with the zero block cannot be produced for real (xxh3-128 / blake2b): this
     algorithm is made to collide, as a guest could try with an unkeyed one.  Before the fix, a view
     of such a block got ZERO_DIGEST (the decision compared digests) and was recorded as zeroes."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository
-    monkeypatch.setitem(repository.DIGEST_FUNCTIONS, "colliding", lambda data: b"\x5a" * 16)
-    monkeypatch.setitem(repository.UNKEYED_DIGESTS, "colliding", lambda data: b"\x5a" * 16)
-    repository._unkeyed_digester.cache_clear()  # pylint: disable=protected-access
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests
+    monkeypatch.setitem(digests.DIGEST_FUNCTIONS, "colliding", lambda data: b"\x5a" * 16)
+    monkeypatch.setitem(digests.UNKEYED_DIGESTS, "colliding", lambda data: b"\x5a" * 16)
+    digests._unkeyed_digester.cache_clear()  # pylint: disable=protected-access
     crafted = bytearray(65536)
     crafted[100] = 0x42
     for name, buf in kinds(crafted).items():

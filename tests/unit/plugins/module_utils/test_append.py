@@ -21,9 +21,11 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import block_runs, digest_scan
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests as _digests
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _repository
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    ZERO_DIGEST, BlockDigests, Repository, block_digest)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
+    ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, LockedError, NotFoundError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
@@ -338,7 +340,7 @@ class CollidingXxh3:
     4 KiB collide, as blocks a guest crafted would (no real xxh3 collision is at hand).  Installed
     in place of the xxhash module, so every xxh3-128 digest of the run collides this way."""
 
-    real = _repository.xxhash
+    real = _digests.xxhash
 
     @classmethod
     def xxh3_128_digest(cls, data):
@@ -365,7 +367,7 @@ def as_old_repository(chain, algorithm):
 
 
 def test_a_digest_scan_onto_unkeyed_digests_starts_a_new_segment(disk, tmp_path, monkeypatch):
-    monkeypatch.setattr(_repository, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
+    monkeypatch.setattr(_digests, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
     with monkeypatch.context() as older:
         older.setattr(_repository, "default_digest", lambda: "xxh3-128")  # as an older version wrote it
         first = disk.backup()
@@ -388,7 +390,7 @@ def test_a_digest_scan_onto_unkeyed_digests_starts_a_new_segment(disk, tmp_path,
 
 
 def test_the_keyed_decision_is_not_misled_by_an_unkeyed_collision(disk, monkeypatch):
-    monkeypatch.setattr(_repository, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
+    monkeypatch.setattr(_digests, "xxhash", CollidingXxh3)  # SIMULATED FAULT for the whole test, see the class
     first = disk.backup()
     collide(disk, 5)
     second = disk.backup()

@@ -18,7 +18,9 @@ import pytest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    ZERO_DIGEST, BlockDigests, Repository, block_digest, check_point_name)
+    Repository, check_point_name)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
+    ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
 
@@ -555,7 +557,8 @@ def test_layer_written_through_nbd(repo, tmp_path):
 
 
 def test_merged_replays_shrink_then_grow_as_zeroes():
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import BlockDigests, ZERO_DIGEST
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
+        BlockDigests, ZERO_DIGEST)
     bs = 65536
     base, shrunk, grown = BlockDigests(bs), BlockDigests(bs), BlockDigests(bs)
     for index in range(4):
@@ -566,13 +569,14 @@ def test_merged_replays_shrink_then_grow_as_zeroes():
 
 
 def test_new_repositories_record_their_digest_algorithm_and_old_ones_keep_blake2b(tmp_path):
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests as _digests
     from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _chain
     repo = _chain.Repository(str(tmp_path / "new"))
     with repo.lock():
         repo.load()
-        assert repo.digest_algorithm == _chain.default_digest() == "blake2b-128-keyed"
-        assert _chain.block_digest(b"\x01" * 65536, "xxh3-128") != _chain.block_digest(b"\x01" * 65536)
-        assert _chain.block_digest(bytes(65536), "xxh3-128") == _chain.ZERO_DIGEST
+        assert repo.digest_algorithm == _digests.default_digest() == "blake2b-128-keyed"
+        assert _digests.block_digest(b"\x01" * 65536, "xxh3-128") != _digests.block_digest(b"\x01" * 65536)
+        assert _digests.block_digest(bytes(65536), "xxh3-128") == _digests.ZERO_DIGEST
     old = tmp_path / "old"
     old.mkdir()
     (old / "manifest.json").write_text('{"format": 1, "block_size": 65536, "points": []}')

@@ -14,8 +14,9 @@ import subprocess
 import pytest
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _repo
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
-    KEY_FILE, KEY_SIZE, ZERO_DIGEST, BlockDigests, Digester, Repository, block_digest)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
+    KEY_FILE, KEY_SIZE, ZERO_DIGEST, BlockDigests, Digester, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import RepositoryError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import copy_extents

@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import ZERO_DIGEST, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import ZERO_DIGEST, block_digest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, DiffWriter

@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import verify as v
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import ZERO_DIGEST, BlockDigests, block_digest
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
+    ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 
