@@ -52,8 +52,9 @@ notes:
   - A repository holds one directory per disk with C(manifest.json), one C(<UTC time>.qcow2) layer per
     point (each backed by the previous one through a relative path) and C(<layer>.digests). Every point
     is bootable by plain QEMU and restorable with C(qemu-img convert).
-  - The block digests of new segments are BLAKE2b keyed by the repository's secret C(digest.key) (in the
-    disk directory, mode 0600, created by the first backup). Keep it with the repository (copy it along);
+  - The block digests of a new segment written by a digest scan (a raw file or device source) are BLAKE2b
+    keyed by the repository's secret C(digest.key) (in the disk directory, mode 0600, created by the
+    first such backup); other sources use unkeyed xxh3-128. Keep the key with the repository (copy it along);
     without it the keyed digests cannot be verified. A key file that group or others can read is refused.
   - A lock in the disk directory makes a second concurrent run on the same disk fail at once.
 requirements:

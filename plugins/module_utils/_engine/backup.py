@@ -122,7 +122,8 @@ def _already(result, point):
 
 
 def _write(repo, source, name, parent, base, reason, writer, parallel, cache, extra, published):
-    with repo.begin_point(name, source.size, parent=parent and parent["name"], create=False) as pending:
+    with repo.begin_point(name, source.size, parent=parent and parent["name"], create=False,
+                          digest=source.segment_digest) as pending:
         with layer_sink(pending, source.writer or writer, parallel, cache) as sink:
             stats, digests, source_extra = source.copy(sink, parent, base, pending, parallel)
         run = stats.as_dict()

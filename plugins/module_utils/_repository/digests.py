@@ -74,6 +74,13 @@ def default_digest():
     return KEYED_DIGEST
 
 
+def fast_digest():
+    """The algorithm of a new segment whose digests decide nothing about guest data (they only detect
+    corruption: the source knows its changed extents): xxh3-128 where python3-xxhash is installed
+    (~14 GiB/s per core, ~18 times keyed BLAKE2b), else the keyed default."""
+    return "xxh3-128" if HAS_XXHASH else KEYED_DIGEST
+
+
 def is_keyed(algorithm):
     return algorithm in KEYED_DIGESTS
 

@@ -754,7 +754,7 @@ class Repository:
         return bad, clear
 
     # -- writing a point -----------------------------------------------------------------------
-    def begin_point(self, name, size, parent=None, create=True):
+    def begin_point(self, name, size, parent=None, create=True, digest=None):
         """Create the temporary layer of a new point; fill it, then ``publish`` or ``abort``.
 
         ``parent`` (a point name) makes an incremental whose backing file is the
@@ -789,7 +789,13 @@ class Repository:
         pending = Pending(self, name, size, parent, segment)
         pending.backing = backing
         # A segment keeps one algorithm (its layers' digests are merged); a new one takes the default.
-        pending.digest_algorithm = base.get("digest", self.digest_algorithm) if parent is not None else default_digest()
+        # ``digest`` (a new segment only): the source's choice, see Source.segment_digest.
+        if parent is not None:
+            pending.digest_algorithm = base.get("digest", self.digest_algorithm)
+        else:
+            if digest is not None and digest not in DIGEST_FUNCTIONS:
+                raise InputError("unknown block digest algorithm %r" % (digest,))
+            pending.digest_algorithm = digest or default_digest()
         pending.block_digest = self._digester(pending.digest_algorithm, create=True)
         self._open_pending = pending
         for path in (pending.final_path, self.digests_path(name)):

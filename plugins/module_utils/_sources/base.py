@@ -56,6 +56,7 @@ from __future__ import annotations
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import RepositoryError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import fast_digest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
     DEFAULT_CHUNK, align_to_blocks, copy_extents, digest_scan, resize_edge)
 
@@ -78,6 +79,14 @@ class Source:
     size = None
     snapshot = None  # the point's ``snapshot`` label: the snapshot name, or what the caller calls it
     writer = None  # a layer writer this source needs ("nbd"), or None: the caller's choice
+
+    @property
+    def segment_digest(self):
+        """The block digest algorithm of a new segment from this source.  A digest scan decides
+        "unchanged" from digests of guest-written data: keyed BLAKE2b (the repository default), so a
+        guest cannot craft a collision.  A source with exact extents decides nothing from digests
+        (they only detect corruption in verify): the fastest one."""
+        return fast_digest() if self.exact_extents else None
 
     # -- choosing the base ---------------------------------------------------------------------
     def choose_base(self, repo, force_full=False):

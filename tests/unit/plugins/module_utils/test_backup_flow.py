@@ -146,3 +146,18 @@ def test_dest_partials_of_dead_writers_are_removed_live_ones_kept(tmp_path):
     time.sleep(0.1)
     assert clean_dest_partials(str(dest)) == [live.name]
     assert other.exists()
+
+
+def test_a_digest_scan_segment_is_keyed_and_an_exact_one_is_fast(tmp_path, disk):
+    """Defect 8 needs keyed digests where "unchanged" is decided from them (a digest scan); a source
+    with exact extents decides nothing from digests, so its segment uses the fast unkeyed digest."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
+        HAS_XXHASH, KEYED_DIGEST, fast_digest)
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source
+
+    repo = Repository(str(tmp_path / "repo"))
+    point = run(repo, disk)["point"]
+    assert point["digest"] == KEYED_DIGEST and os.path.exists(repo.path("digest.key"))
+    with RawSource(str(disk)) as src:
+        assert src.segment_digest is None  # the repository's default: keyed
+    assert Source().segment_digest == fast_digest() == ("xxh3-128" if HAS_XXHASH else KEYED_DIGEST)
