@@ -160,7 +160,9 @@ def _apply_rule(rule, count, ordered, decided, tz):
             if len(kept) >= count:
                 break
             kept[period] = name
-            decided[name] = _decision(name, KEEP, rule, period, "%s keeps the newest point of %s" % (rule, period))
+            reason = ("%s keeps the %d newest points" % (rule, count) if rule == "keep_last"
+                      else "%s keeps the newest point of %s" % (rule, period))
+            decided[name] = _decision(name, KEEP, rule, period, reason)
         else:
             decided[name] = _decision(name, REMOVE, None, period, "%s keeps the newer point %s of %s"
                                       % (rule, kept[period], period))
