@@ -161,8 +161,9 @@ def clean_killed_run(repo, source, warnings):
             cleaned.append(entry)
     for kind in repo.intent_kinds():
         if kind != source.kind:
-            warnings.append("a killed %s backup left its journal in %s; the next %s backup of this disk cleans "
-                            "what it left" % (kind, repo.disk_dir, kind))
+            run = "prune" if kind == "prune" else "%s backup" % kind  # the prune journal: _engine/prune.py
+            warnings.append("a killed %s left its journal in %s; the next %s of this disk cleans "
+                            "what it left" % (run, repo.disk_dir, run))
     record = repo.intent(source.kind)
     if record is None:
         return cleaned

@@ -15,7 +15,8 @@ One directory per disk::
     .read.lock                 flock()ed shared by a run that only reads points (chain_verify);
                                exclusively by a run that removes or rewrites published layers
     .intent-<kind>.json        what the running backup of a <kind> source creates (snapshot, point);
-                               a killed run's is cleaned by the next run (``_engine/backup.py``)
+                               a killed run's is cleaned by the next run (``_engine/backup.py``);
+                               .intent-prune.json: the points a running prune removes (``_engine/prune.py``)
     .<file>.partial            work in progress; never read, removed by cleanup_partial()
 
 A point name is a UTC stamp (``_naming``: ``20261122T031500Z``), which sorts

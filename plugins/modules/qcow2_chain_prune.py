@@ -1,0 +1,226 @@
+#!/usr/bin/python
+# -*- coding: utf-8 -*-
+# Copyright: snapchain developers
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: qcow2_chain_prune
+short_description: Remove old backup points of one disk repository by a keep-last/daily/weekly... policy
+version_added: 0.1.0
+description:
+  - Applies a retention policy with the semantics of Proxmox Backup Server's prune to the points of one
+    disk's repository (qcow2 chain), and removes the points it does not keep when that changes no kept point.
+  - "The rules run in the order O(keep_last), O(keep_hourly), O(keep_daily), O(keep_weekly), O(keep_monthly),
+    O(keep_yearly). Each looks only at the points no earlier rule decided on, newest first: it keeps the newest
+    point of each of its periods (hour, day, ISO week from Monday to Sunday, month, year in O(timezone); for
+    O(keep_last) each point is its own period), skips the periods that already hold a point kept by an earlier
+    rule, marks the older points of a period it keeps for removal (final: later rules do not see them), and
+    stops after N periods. Periods without points do not count. What no rule keeps is removed."
+  - "Example: daily backups at 21:00 UTC, O(keep_last=3), O(keep_daily=13), O(keep_weekly=8),
+    O(keep_monthly=11), O(keep_yearly=9) on Sunday 15 June 2025 keep 15, 14 and 13 June (last), 12 June back
+    to 31 May (daily), the eight Sundays from 25 May back to 6 April (weekly), 30 March (the week of 6 April
+    already covers 31 March), then the last day of each month from February 2025 back to May 2024 (monthly),
+    and 31 December of 2023 back to 2015 (yearly): 44 points."
+  - With no rule above 0 every point is kept, as Proxmox Backup Server does.
+  - Protected points (O(protected), or C(extra.protected=true) in the manifest) are always kept; as in Proxmox
+    Backup Server they do not count against a rule and do not fill its period.
+  - Points that are marked bad, or read through a bad point, are never kept by a rule; they do not count and
+    do not fill a period, so the newest good point of that period is kept instead. They are removed unless
+    protected.
+  - The newest point is never removed (the next backup's base).
+  - "What is removed now: a point the policy removes goes only when every point that reads through it goes
+    too, so nothing is rewritten and no kept point's data changes: a whole older segment none of whose points
+    is kept, or the trailing points of a segment none of which is kept. Merging a point out of a chain is not
+    implemented yet: a point the policy removes but a kept point reads through stays, reported in
+    RV(needs_merge) with the reason."
+  - Removal runs under the repository's exclusive lock with readers excluded, so it fails while a
+    C(chain_verify) reads the disk or a backup writes it (after O(lock_wait) seconds). It journals what it
+    removes, replaces the manifest, then removes the files; a run killed on the way leaves files that no
+    point refers to, and the next prune removes them.
+author:
+  - snapchain developers (@snapchain)
+attributes:
+  check_mode:
+    support: full
+    description: Reports every point with its decision and the bytes removal would free, removing nothing.
+  diff_mode:
+    support: full
+    description: The points of the manifest before and after (removed points as removed lines).
+options:
+  chain:
+    description: The disk's repository directory (the one holding C(manifest.json)).
+    type: path
+    required: true
+  keep_last:
+    description: Keep the newest N points.
+    type: int
+  keep_hourly:
+    description: Keep the newest point of each of the last N hours that have points.
+    type: int
+  keep_daily:
+    description: Keep the newest point of each of the last N days that have points.
+    type: int
+  keep_weekly:
+    description: Keep the newest point of each of the last N ISO weeks (Monday to Sunday) that have points.
+    type: int
+  keep_monthly:
+    description: Keep the newest point of each of the last N months that have points.
+    type: int
+  keep_yearly:
+    description: Keep the newest point of each of the last N years that have points.
+    type: int
+  timezone:
+    description:
+      - The time zone in which hours, days, weeks, months and years are counted (an IANA name such as
+        C(Europe/Berlin)). A point's time is the UTC time of its name.
+    type: str
+    default: UTC
+  protected:
+    description: Names of points that are never removed (UTC stamps such as C(20261122T031500Z)).
+    type: list
+    elements: str
+    default: []
+  lock_wait:
+    description: Seconds to wait for the repository locks held by a backup or a verify (0 to 86400).
+    type: int
+    default: 0
+notes:
+  - Runs on the host that holds the repository.
+  - A restore takes no repository lock; a restore of a kept point reads nothing a prune removes.
+"""
+
+EXAMPLES = r"""
+- name: Show what a policy would remove, with the rule that keeps each point
+  snapchain.vmbackup.qcow2_chain_prune:
+    chain: /backup/host1/disk0
+    keep_last: 3
+    keep_daily: 13
+    keep_weekly: 8
+    keep_monthly: 11
+    keep_yearly: 9
+    timezone: Europe/Berlin
+  check_mode: true
+  diff: true
+
+- name: Prune, never removing the point taken before the upgrade
+  snapchain.vmbackup.qcow2_chain_prune:
+    chain: /backup/host1/disk0
+    keep_daily: 7
+    keep_weekly: 4
+    protected: [20261122T031500Z]
+"""
+
+RETURN = r"""
+points:
+  description: Every point, oldest first, with what the policy decided.
+  returned: success
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: The point's name.
+      type: str
+    segment:
+      description: Its segment (a full backup and the incrementals on it).
+      type: int
+    action:
+      description: V(keep), V(remove), or V(needs_merge) (the policy removes it but a kept point reads through it).
+      type: str
+    rule:
+      description: What keeps it (V(keep_last) ... V(keep_yearly), V(protected), V(keep_all), V(newest)), or null.
+      type: str
+    period:
+      description: The rule's period that it keeps (C(2026/11/22) for a day, C(2026/47) for an ISO week...).
+      type: str
+    reason:
+      description: Why, as a sentence.
+      type: str
+    bytes:
+      description: What its files occupy on disk (allocated), which removing it frees.
+      type: int
+    parent:
+      description: The point it reads through (null for the full backup that starts a segment).
+      type: str
+    files:
+      description: Its files in the disk directory (layer, digests).
+      type: list
+      elements: str
+kept:
+  description: Names of the points kept.
+  returned: success
+  type: list
+  elements: str
+removed:
+  description: Names of the points removed (in check mode, that would be removed).
+  returned: success
+  type: list
+  elements: str
+needs_merge:
+  description: Names of the points the policy removes but that stay because kept points read through them.
+  returned: success
+  type: list
+  elements: str
+bytes_freed:
+  description: Bytes freed by the removed points (in check mode, that would be freed).
+  returned: success
+  type: int
+cleaned:
+  description: Files a killed prune (or other killed run) left that this run removed.
+  returned: success
+  type: list
+  elements: str
+orphans:
+  description: Layer and digests files no point refers to and that no journal names (reported, never removed).
+  returned: success
+  type: list
+  elements: str
+keep_all:
+  description: True when no rule is above 0, so every point is kept.
+  returned: success
+  type: bool
+policy:
+  description: The keep_* counts applied (absent or null ones left out).
+  returned: success
+  type: dict
+timezone:
+  description: The time zone of the periods.
+  returned: success
+  type: str
+seconds:
+  description: Duration of the run.
+  returned: success
+  type: float
+"""
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.prune import prune
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=dict(
+            chain=dict(type="path", required=True),
+            keep_last=dict(type="int"),
+            keep_hourly=dict(type="int"),
+            keep_daily=dict(type="int"),
+            keep_weekly=dict(type="int"),
+            keep_monthly=dict(type="int"),
+            keep_yearly=dict(type="int"),
+            timezone=dict(type="str", default="UTC"),
+            protected=dict(type="list", elements="str", default=[]),
+            lock_wait=dict(type="int", default=0),
+        ),
+        supports_check_mode=True,
+    )
+    result = run_module(module, lambda: prune(module.params, check_mode=module.check_mode, diff=module._diff))
+    for warning in result.pop("warnings"):
+        module.warn(warning)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
