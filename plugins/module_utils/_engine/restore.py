@@ -493,8 +493,39 @@ def make_target(params, kind):
     return TARGETS[(kind, variant)].from_params(params)
 
 
+READ_LOCK_WAIT = 60  # seconds a restore waits for a prune (which excludes readers) to finish
+
+
+@contextlib.contextmanager
+def read_lock(chain_dir, check_mode, warnings):
+    """The repository's shared lock for the whole restore (chain_verify reads the same way), so a
+    prune (which excludes readers) never removes a layer this restore reads.  Check mode and a
+    repository this user cannot lock (read-only) go without, the latter with a warning."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import Repository
+
+    if check_mode or not os.path.isdir(chain_dir):
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(Repository(chain_dir).lock(shared=True, wait=READ_LOCK_WAIT))
+        except RepositoryError as exc:
+            warnings.append("restoring without the repository's read lock (%s): a prune running meanwhile "
+                            "could remove what this restore reads" % exc.msg)
+        yield
+
+
 def restore(params, check_mode=False):
     kind = check_params(params)
+    warnings = []
+    with read_lock(params["chain"], check_mode, warnings):
+        result = _restore(params, kind, check_mode)
+    if warnings:
+        result.setdefault("warnings", []).extend(warnings)
+    return result
+
+
+def _restore(params, kind, check_mode):
     before = parse_time(params["before"]) if params.get("before") else None
     repo, point, chain, skipped = load_chain(params["chain"], params.get("point"), before,
                                              params.get("allow_bad", False))

@@ -200,6 +200,24 @@ def test_a_reader_holding_the_shared_lock_makes_prune_fail_clearly(disk):
     assert disk.prune(**POLICY)["removed"] == [P3, P5, P6]
 
 
+def test_a_restore_holds_the_read_lock_so_prune_waits_for_it(disk, tmp_path):
+    """A restore reads under the shared lock for its whole run (as chain_verify does): a prune
+    meanwhile fails clearly and changes nothing; after the restore it proceeds."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import read_lock
+
+    warnings = []
+    with read_lock(disk.chain, False, warnings):
+        before_manifest, before_files = disk.manifest(), disk.listing()
+        with pytest.raises(LockedError, match="another run reads"):
+            disk.prune(**POLICY)
+        assert disk.manifest() == before_manifest and disk.listing() == before_files
+    assert warnings == []
+    with read_lock(str(tmp_path / "absent"), False, warnings):  # nothing to lock: no directory made
+        pass
+    assert not (tmp_path / "absent").exists()
+    assert disk.prune(**POLICY)["removed"] == [P3, P5, P6]
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, %r)
