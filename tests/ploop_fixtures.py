@@ -10,6 +10,7 @@ delta, ploop never sees a hand-made cluster.
 import hashlib
 import os
 import subprocess
+import tempfile
 
 MiB = 1 << 20
 BASE_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"  # ploop's top GUID: a fresh disk is its own top
@@ -77,10 +78,17 @@ def write(image, pattern, offset, length):
 
 
 def sha256_of_stack(image):
-    """sha256 of what the parallels ``image`` reads as (converted to raw by qemu-img, into memory)."""
-    done = subprocess.run(["qemu-img", "convert", "-f", "parallels", "-O", "raw", image, "/dev/stdout"],
-                          capture_output=True, check=True)
-    return hashlib.sha256(done.stdout).hexdigest()
+    """sha256 of what ``image`` reads as: a parallels file, or a ``json:`` stack (``_cli.ploop.stack_spec``),
+    converted to raw by qemu-img into a temporary file."""
+    fmt = [] if image.startswith("json:") else ["-f", "parallels"]
+    with tempfile.TemporaryDirectory(prefix="ploop-sha-") as tmp:
+        raw = os.path.join(tmp, "disk.raw")
+        subprocess.run(["qemu-img", "convert", *fmt, "-O", "raw", image, raw], capture_output=True, check=True)
+        digest = hashlib.sha256()
+        with open(raw, "rb") as f:
+            for chunk in iter(lambda: f.read(MiB), b""):
+                digest.update(chunk)
+        return digest.hexdigest()
 
 
 def tree_state(directory):

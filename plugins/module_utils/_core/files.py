@@ -9,6 +9,7 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import os
 
@@ -131,3 +132,29 @@ def all_zero(data):
         view = memoryview(view.tobytes())  # this local keeps the copy alive until memcmp returns
         where = _byte_address(view)
     return _memcmp()(where, where + 1, length - 1) == 0
+
+
+def write_json_atomic(path, doc, mode=0o600):
+    """Replace ``path`` with the JSON ``doc`` durably: a temporary file beside it, fsync, rename, fsync
+    of the directory.  A reader sees the old document or the new one, never a mix."""
+    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(tmp, flags, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(directory)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise TransferError("cannot write %s: %s" % (path, exc), path=path)
