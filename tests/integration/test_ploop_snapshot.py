@@ -19,7 +19,8 @@ import pytest
 import module_runner
 import ploop_fixtures as pf
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import ploop
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import ploop, qemu_img
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, Extent
 
 pytestmark = pytest.mark.skipif(shutil.which("ploop") is None, reason="Debian's ploop is not installed")
 MiB = pf.MiB
@@ -112,6 +113,9 @@ def test_two_snapshots_stack_and_merge_the_older(disk):
     delta = two["snapshots"][1]["file"]  # what was written between the two snapshots
     assert two["snapshots"][1]["stack"] == [one["snapshots"][0]["file"], delta]
     frozen = stack_sha(two["snapshots"][1]["stack"])
+    # The delta between the two snapshots holds exactly the clusters written in between: what an
+    # incremental backup copies (QEMU reads the delta's BAT, no parser of ours).
+    assert qemu_img.map_extents(delta, fmt="parallels", top_only=True) == [Extent(0, 1 * MiB, DATA)]
     pf.write(two["chain"][-1]["file"], 0x33, 4 * MiB, 1 * MiB)
     merged = snap(root, dd, name="run-1", state="merged")
     assert [s["name"] for s in merged["snapshots"]] == ["run-2"]
@@ -140,6 +144,8 @@ def test_check_mode_changes_nothing(disk):
     checked = snap(root, dd, name="nightly", state="merged", check_mode=True)
     assert [c["uuid"] for c in checked["chain"]] == [ploop.TOP_GUID]
     assert not snap(root, dd, name="nightly", check_mode=True)["changed"]
+    really = snap(root, dd, name="nightly", state="merged")
+    assert checked["chain"] == really["chain"]  # the prediction is what happens
 
 
 def test_refusals(disk, tmp_path):

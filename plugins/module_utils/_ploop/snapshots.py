@@ -282,7 +282,13 @@ def _remove(params, desc, record, result, check_mode):
     result.update(changed=True, uuid=guid, name=snap["name"])
     result["merged" if params["state"] == "merged" else "removed"] = True
     if check_mode:
-        result["_predicted"] = [item for item in describe(desc, record) if item["uuid"] != guid]
+        predicted = []
+        for item in describe(desc, record):
+            if item["uuid"] == child:  # the child's data lands in our snapshot's file, under the child's GUID
+                item.update(file=desc.file(guid), parent_uuid=desc.parents[guid])
+            if item["uuid"] != guid:
+                predicted.append(item)
+        result["_predicted"] = predicted
         return
     if params["state"] == "merged":
         _ploop.merge(desc.path, child)  # the delta written since our snapshot, down into it
