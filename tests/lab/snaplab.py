@@ -41,6 +41,7 @@ PACKAGES = (
     "qemu-utils", "qemu-block-extra", "qemu-system-x86", "libvirt-daemon",
     "libvirt-daemon-driver-qemu", "libvirt-daemon-system", "libvirt-clients", "python3-libvirt",
     "python3-venv", "python3-libnbd", "python3-jmespath", "python3-xxhash", "libnbd-bin",
+    "ploop",  # OpenVZ ploop 1.15: snapshot / snapshot-merge on unmounted images (issue 12)
 )
 MEMSTORE_BYTES = 8 << 30  # default; $SNAPCHAIN_LAB_MEMSTORE_GIB overrides it (memstore_bytes())
 LIBVIRT_URI = "qemu:///system"

@@ -9,6 +9,7 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 from __future__ import annotations
 
 import ctypes
+import json
 import mmap
 import os
 
@@ -151,3 +152,21 @@ def write_file(path, data, mode):
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path, doc, mode=0o600):
+    """Replace ``path`` with the JSON ``doc`` durably: a temporary file beside it (``write_file``),
+    rename, fsync of the directory.  A reader sees the old document or the new one, never a mix."""
+    data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    try:
+        write_file(tmp, data, mode)
+        os.rename(tmp, path)
+        fsync_dir(directory)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise TransferError("cannot write %s: %s" % (path, exc), path=path)

@@ -74,10 +74,10 @@ class RecordedRuns:
 @pytest.fixture
 def recorded(monkeypatch):
     """``RecordedRuns`` in place of subprocess.run for every ``_cli`` tool; binaries at fixed paths."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import command, lvm, qemu_img, qemu_nbd
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import command, lvm, ploop, qemu_img, qemu_nbd
     runs = RecordedRuns()
     monkeypatch.setattr(command, "_RUN", runs)
     for tool, path in ((qemu_img.QEMU_IMG, "/usr/bin/qemu-img"), (qemu_nbd.QEMU_NBD, "/usr/bin/qemu-nbd"),
-                       (lvm.LVS, "/usr/sbin/lvs")):
+                       (lvm.LVS, "/usr/sbin/lvs"), (ploop.PLOOP, "/usr/sbin/ploop")):
         monkeypatch.setattr(tool, "_path", path)
     return runs
