@@ -82,6 +82,9 @@ def backup(repo, source, force_full=False, point_name=None, writer="direct", par
             if not published:
                 _discard(repo, source, result["warnings"])
             raise
+        finally:
+            if base is not None:
+                base.close()  # the parent's effective digests, spooled to a file of the repository
         # Published: from here on, errors are warnings and nothing undoes the point.
         result["warnings"].extend(repo.take_warnings())
         try:

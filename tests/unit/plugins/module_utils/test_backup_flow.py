@@ -161,3 +161,13 @@ def test_a_digest_scan_segment_is_keyed_and_an_exact_one_is_fast(tmp_path, disk)
     with RawSource(str(disk)) as src:
         assert src.segment_digest is None  # the repository's default: keyed
     assert Source().segment_digest == fast_digest() == ("xxh3-128" if HAS_XXHASH else KEYED_DIGEST)
+
+
+def test_an_incremental_digest_scan_leaves_no_spool_file(tmp_path, disk):
+    """The parent's effective digests are spooled to a .partial file under the lock: it is gone when
+    the run ends (the flow closes it), not left for the next run's cleanup."""
+    repo = Repository(str(tmp_path / "repo"))
+    run(repo, disk)
+    second = run(repo, disk)
+    assert second["parent"] is not None and second["bytes_written"] == 0
+    assert [e for e in os.listdir(repo.disk_dir) if e.endswith(".partial")] == []
