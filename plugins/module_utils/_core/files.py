@@ -154,16 +154,23 @@ def write_file(path, data, mode):
         os.close(fd)
 
 
+def replace_file(path, data, mode, temp=None):
+    """Replace ``path`` durably and atomically: ``data`` written and fsynced to ``temp`` (default: a
+    name beside it), renamed over ``path``, the directory fsynced.  A reader sees the old file or the
+    new one, never a mix."""
+    temp = temp or "%s.%d.tmp" % (path, os.getpid())
+    write_file(temp, data, mode)
+    os.rename(temp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
 def write_json_atomic(path, doc, mode=0o600):
-    """Replace ``path`` with the JSON ``doc`` durably: a temporary file beside it (``write_file``),
-    rename, fsync of the directory.  A reader sees the old document or the new one, never a mix."""
+    """Replace ``path`` with the JSON ``doc`` (``replace_file``); a temporary file left by a failure
+    is removed."""
     data = (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode("utf-8")
-    directory = os.path.dirname(os.path.abspath(path))
     tmp = "%s.%d.tmp" % (path, os.getpid())
     try:
-        write_file(tmp, data, mode)
-        os.rename(tmp, path)
-        fsync_dir(directory)
+        replace_file(path, data, mode, temp=tmp)
     except OSError as exc:
         try:
             os.unlink(tmp)

@@ -46,7 +46,7 @@ import stat
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir, write_file
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir, replace_file, write_file
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import read_header
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
     DEFAULT_BLOCK_SIZE, DIGEST_FUNCTIONS, KEY_FILE, KEY_SIZE, LEGACY_DIGEST, BlockDigests, Digester, default_digest,
@@ -549,20 +549,9 @@ class Repository:
 
     def _create_key(self, path):
         self._require_lock("creating the digest key")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         temp = self.path("." + KEY_FILE + PARTIAL_SUFFIX)
         self._remove(temp)
-        fd = os.open(temp, flags, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            data = os.urandom(KEY_SIZE)
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, path)
-        fsync_dir(self.disk_dir)
+        replace_file(path, os.urandom(KEY_SIZE), 0o600, temp=temp)
 
     def points(self):
         """Every point, oldest first (copies: changing them changes nothing)."""
@@ -612,10 +601,7 @@ class Repository:
 
     def _commit_manifest(self, doc):
         data = (json.dumps(doc, indent=2) + "\n").encode("utf-8")
-        temp = self.path("." + MANIFEST + PARTIAL_SUFFIX)
-        write_file(temp, data, self.file_mode)
-        os.rename(temp, self.manifest_path)
-        fsync_dir(self.disk_dir)
+        replace_file(self.manifest_path, data, self.file_mode, temp=self.path("." + MANIFEST + PARTIAL_SUFFIX))
 
     def mark_bad(self, name, bad=True, reason=None):
         """Flag a point that failed verification (nothing chains onto a bad point)."""
@@ -968,10 +954,8 @@ class Repository:
         """Journal (durably) what the backup is about to create, BEFORE creating it."""
         self._require_lock("journalling a backup")
         path = self._intent_path(kind)
-        temp = self.path("." + os.path.basename(path) + PARTIAL_SUFFIX)
-        write_file(temp, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"), self.file_mode)
-        os.rename(temp, path)
-        fsync_dir(self.disk_dir)
+        replace_file(path, (json.dumps(record, sort_keys=True) + "\n").encode("utf-8"), self.file_mode,
+                     temp=self.path("." + os.path.basename(path) + PARTIAL_SUFFIX))
 
     def clear_intent(self, kind):
         self._require_lock("clearing the backup journal")
