@@ -1,9 +1,7 @@
 """Real ploop disks for tests, made without ``ploop init`` (it crashes in libploop 1.15 here, LAB-NOTES).
 
-``make_disk`` writes the base image with ``qemu-img create -f parallels`` and turns its version-2
-header into the version-1 one ploop 1.15 accepts on an unmounted image (the first 16 bytes rewritten
-to ``WithoutFreeSpace``, the file kept to its header cluster, empty BAT), then writes a
-``DiskDescriptor.xml`` naming it.  ``write`` goes through ``qemu-io -f parallels``: QEMU writes the
+``make_disk`` writes the base image and its ``DiskDescriptor.xml`` with ``_ploop/image.py`` (a
+version-1 image made by ``qemu-img create -f parallels``, see there).  ``write`` goes through ``qemu-io -f parallels``: QEMU writes the
 delta, ploop never sees a hand-made cluster.
 """
 
@@ -12,55 +10,22 @@ import os
 import subprocess
 import tempfile
 
-MiB = 1 << 20
-BASE_GUID = "{5fbaabe3-6958-40ff-92a7-860e329aab41}"  # ploop's top GUID: a fresh disk is its own top
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import ploop as ploop_cli
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ploop import image
 
-DESCRIPTOR = """<?xml version="1.0"?>
-<Parallels_disk_image>
-  <Disk_Parameters>
-    <Disk_size>{sectors}</Disk_size>
-    <Cylinders>{cylinders}</Cylinders>
-    <Heads>16</Heads>
-    <Sectors>32</Sectors>
-    <Padding>0</Padding>
-  </Disk_Parameters>
-  <StorageData>
-    <Storage>
-      <Start>0</Start>
-      <End>{sectors}</End>
-      <Blocksize>{blocksize}</Blocksize>
-      <Image>
-        <GUID>{guid}</GUID>
-        <Type>Compressed</Type>
-        <File>{file}</File>
-      </Image>
-    </Storage>
-  </StorageData>
-  <Snapshots>
-    <TopGUID>{guid}</TopGUID>
-    <Shot>
-      <GUID>{guid}</GUID>
-      <ParentGUID>{{00000000-0000-0000-0000-000000000000}}</ParentGUID>
-    </Shot>
-  </Snapshots>
-</Parallels_disk_image>
-"""
+MiB = 1 << 20
+BASE_GUID = ploop_cli.TOP_GUID  # a fresh disk is its own top
 
 
 def make_disk(directory, size=64 * MiB, cluster=MiB, name="root.hdd"):
-    """A ploop disk ``directory/{name, DiskDescriptor.xml}`` of ``size`` bytes; returns the descriptor path."""
+    """A ploop disk ``directory/{name, DiskDescriptor.xml}`` of ``size`` bytes; returns the descriptor path.
+
+    Made by the collection's own ``_ploop.image`` (what a restore into a ploop image uses)."""
     os.makedirs(directory, exist_ok=True)
-    image = os.path.join(directory, name)
-    subprocess.run(["qemu-img", "create", "-q", "-f", "parallels", "-o", "cluster_size=%d" % cluster, image,
-                    str(size)], check=True)
-    with open(image, "r+b") as f:
-        f.write(b"WithoutFreeSpace")
-        f.truncate(cluster)
-    sectors = size // 512
+    image.create_image(os.path.join(directory, name), size, cluster)
     path = os.path.join(directory, "DiskDescriptor.xml")
     with open(path, "w") as f:
-        f.write(DESCRIPTOR.format(sectors=sectors, cylinders=sectors // (16 * 32), blocksize=cluster // 512,
-                                  guid=BASE_GUID, file=name))
+        f.write(image.descriptor_text(name, size, cluster))
     return path
 
 

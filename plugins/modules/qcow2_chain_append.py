@@ -7,7 +7,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: qcow2_chain_append
-short_description: Append a backup point to a disk's qcow2 chain from a raw file, block device or rbd diff file
+short_description: Append a backup point to a disk's qcow2 chain from a raw file, block device, ploop disk or rbd diff file
 version_added: 0.1.0
 description:
   - Appends one point (a new qcow2 layer) to the repository directory of one disk, for sources that are
@@ -23,6 +23,11 @@ description:
   - With O(diff), an C(rbd diff v1) file (from C(rbd export-diff)) is replayed into a new layer on top
     of the latest point, like C(rbd import-diff). Its from-snapshot must be the latest point's snapshot;
     a diff without from-snapshot is a full one and starts a new segment.
+  - With O(ploop_descriptor), an OpenVZ ploop disk (its C(DiskDescriptor.xml)) is backed up through a
+    snapshot of ours (C(ploop snapshot)) that stays in the stack as the next run's base. An incremental
+    reads only the clusters of the delta written since the last point (C(qemu-img map -f parallels));
+    after the point is published the older snapshot of ours is folded away (C(ploop snapshot-delete)).
+    The descriptor and the container's config are kept in the point's C(extra.ploop).
   - The layer is checked, fsynced and renamed into place before the manifest records it; any failure
     leaves the repository as it was.
 author:
@@ -50,6 +55,28 @@ options:
   diff:
     description: An C(rbd diff v1) file to replay onto the latest point.
     type: path
+  ploop_descriptor:
+    description:
+      - The C(DiskDescriptor.xml) of a ploop disk to back up, under O(ploop_root). Only snapshots
+        recorded in C(.snapchain-ploop.json) beside it (ours) are ever folded or deleted.
+      - The ploop disk may be mounted (a running container) or not.
+    type: path
+  ploop_root:
+    description: The containers' private area; a O(ploop_descriptor) outside it is refused.
+    type: path
+    default: /vz/private
+  ploop_config:
+    description:
+      - The container config file kept with each point. Defaults to C(/etc/vz/conf/<CTID>.conf) when the
+        descriptor is C(<root>/<CTID>/root.hdd/DiskDescriptor.xml) and that file exists; V("") for none.
+    type: path
+  cleanup_only:
+    description:
+      - With O(ploop_descriptor), make no backup; clean what a killed run left (its journalled snapshot,
+        partial files) and fold away the snapshots of ours that the newest point does not need. What the
+        C(ploop_backup) role runs in C(always:).
+    type: bool
+    default: false
   snapshot_name:
     description:
       - Recorded as the point's C(snapshot) (for example the LVM or ZFS snapshot that was read).
@@ -87,6 +114,11 @@ EXAMPLES = r"""
     chain: /backup/ceph/rbd/vm2-disk0
     diff: /backup/diffs/vm2-disk0_v1_v2.rbddiff
 
+- name: Back up the ploop disk of container 101 (incremental from the last run's snapshot)
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/ct/101-root
+    ploop_descriptor: /vz/private/101/root.hdd/DiskDescriptor.xml
+
 - name: Would the next backup be full?
   snapchain.vmbackup.qcow2_chain_append:
     chain: /backup/kvm1/vm1-disk0
@@ -113,7 +145,7 @@ full_reason:
   returned: always
   type: str
 mode:
-  description: V(source) or V(diff).
+  description: V(source), V(diff) or V(ploop).
   returned: always
   type: str
 size:
@@ -128,6 +160,24 @@ from_snapshot:
   description: The diff's from-snapshot; null for a full diff.
   returned: when O(diff) is used
   type: str
+descriptor:
+  description: The real path of the ploop disk's descriptor.
+  returned: when O(ploop_descriptor) is used
+  type: str
+merged_snapshots:
+  description: GUIDs of older ploop snapshots of ours folded away after the point was published.
+  returned: when O(ploop_descriptor) is used and a point was written
+  type: list
+  elements: str
+kept_snapshot:
+  description: GUID of the ploop snapshot kept in the stack as the next run's base (the point's C(snapshot)).
+  returned: when O(ploop_descriptor) is used and a point was written
+  type: str
+tidied:
+  description: With O(cleanup_only), GUIDs of ploop snapshots of ours folded away.
+  returned: when O(cleanup_only) is set
+  type: list
+  elements: str
 cleaned_partial:
   description: Temporary files of interrupted runs that were removed from the disk directory.
   returned: always
@@ -178,16 +228,20 @@ def main():
             chain=dict(type="path", required=True),
             source=dict(type="path"),
             diff=dict(type="path"),
+            ploop_descriptor=dict(type="path"),
+            ploop_root=dict(type="path", default="/vz/private"),
+            ploop_config=dict(type="path"),
+            cleanup_only=dict(type="bool", default=False),
             snapshot_name=dict(type="str"),
             point_name=dict(type="str"),
             force_full=dict(type="bool", default=False),
             **repository_argument_spec()
         ),
-        mutually_exclusive=[("source", "diff")],
-        required_one_of=[("source", "diff")],
+        mutually_exclusive=[("source", "diff", "ploop_descriptor")],
+        required_one_of=[("source", "diff", "ploop_descriptor")],
         supports_check_mode=True,
     )
-    needs_nbd = module.params["diff"] or module.params["writer"] == "nbd"
+    needs_nbd = module.params["diff"] or module.params["ploop_descriptor"] or module.params["writer"] == "nbd"
     if needs_nbd and not module.check_mode and not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
     result = run_module(module, lambda: append_point(module.params, check_mode=module.check_mode))

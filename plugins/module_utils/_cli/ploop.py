@@ -17,6 +17,8 @@ What ploop 1.15 does (seen on unmounted images, see LAB-NOTES):
 - ``ploop snapshot-delete -u U dd``: for a snapshot below the top, the same fold of its child into it
   (data kept).  For the TOP GUID it throws the top delta away, with every write in it: ``delete``
   refuses that here (``ConflictError``) before ploop is run.
+- ``ploop check -f -r IMAGE``: fails on an image with holes inside its allocated clusters, which
+  QEMU leaves where it wrote part of a cluster; ``-f -S`` fills them (only the delta form does).
 - ``ploop snapshot-list -H -o uuid,parent_uuid,fname dd``: one line per image, no header.  The
   ``current`` column is left out: it is a blank when false, so whitespace cannot split it.
 """
@@ -29,7 +31,7 @@ import re
 import xml.etree.ElementTree as ET
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import (
-    Tool, as_fixed, as_func, as_opt_val, as_value, command_error, run_command)
+    Tool, as_fixed, as_flag, as_func, as_opt_val, as_value, command_error, run_command)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError)
 
@@ -43,6 +45,10 @@ PLOOP = Tool("ploop", {
     "snapshot_delete": as_fixed("snapshot-delete"),
     "snapshot_merge": as_fixed("snapshot-merge"),
     "snapshot_list": as_fixed("snapshot-list"),
+    "check": as_fixed("check"),
+    "force": as_flag("-f"),
+    "read_only": as_flag("-r"),
+    "repair_sparse": as_flag("-S"),
     "no_header": as_fixed("-H"),
     "fields": as_func(lambda fields: ["-o", ",".join(fields)]),
     "uuid": as_opt_val("-u"),
@@ -76,6 +82,16 @@ def delete(descriptor, uuid, timeout=3600):
         raise ConflictError("refusing ploop snapshot-delete of the top delta %s of %s: ploop would throw away "
                             "every write in it" % (uuid, descriptor), descriptor=descriptor, uuid=uuid)
     return PLOOP.run("snapshot_delete uuid descriptor", uuid=uuid, descriptor=descriptor, timeout=timeout)
+
+
+def check(image, repair_sparse=False, timeout=3600):
+    """``ploop check -f`` of one image file (a delta): read-only (``-r``), or with ``repair_sparse`` (``-S``)
+    the holes QEMU leaves inside allocated clusters filled, which ploop refuses ("is sparse").
+
+    ``-f``: checked even when the image's dirty flag is clear.  Only the exit code counts: ploop
+    prints its findings (and ``filefrag`` output) as text for people."""
+    return PLOOP.run("check force read_only repair_sparse descriptor", read_only=not repair_sparse,
+                     repair_sparse=repair_sparse, descriptor=image, timeout=timeout)
 
 
 def snapshot_list(descriptor, timeout=120):

@@ -180,12 +180,21 @@ class QemuNbd:
                              "allocation_depth path", socket=self.socket, fmt=self.fmt, cache=self.cache,
                              aio=self.aio, discard="unmap", detect_zeroes=self.detect_zeroes, shared=self.shared,
                              pid_file=self.pid_file, read_only=self.read_only, persistent=self.persistent,
-                             allocation_depth=self.allocation_depth, path=os.path.abspath(self.path))
+                             allocation_depth=self.allocation_depth, path=self._path_arg())
+
+    def _path_arg(self):
+        """The image as qemu-nbd's argument: an absolute file name, or a ``json:`` spec as it is (a
+        stack QEMU opens from a description, such as ``_cli.ploop.stack_spec``: it names its drivers)."""
+        return self.path if self.is_spec else os.path.abspath(self.path)
+
+    @property
+    def is_spec(self):
+        return self.path.startswith("json:")
 
     def start(self):
         if self.proc is not None:
             raise TransferError("qemu-nbd for %s was already started" % self.path)
-        if not os.path.exists(self.path):
+        if not self.is_spec and not os.path.exists(self.path):
             raise InputError("cannot serve %s: no such file" % self.path)
         self.tmpdir = tempfile.mkdtemp(prefix="snapchain-nbd-", dir=self._tmpdir_parent)
         self.socket = os.path.join(self.tmpdir, "nbd.sock")

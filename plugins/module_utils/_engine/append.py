@@ -15,6 +15,11 @@ The one backup flow (``_engine/backup.py``) with one of two sources:
     (first point, size change, bad or digest-less latest point, ``force_full``) starts a new
     segment and writes only the non-zero blocks.
 
+``ploop_descriptor`` (an OpenVZ ploop disk's ``DiskDescriptor.xml``)
+    ``_sources/ploop.py``: our snapshot, the changed clusters from the delta written since the
+    last point, the older snapshot folded away after publish.  ``cleanup_only`` makes no backup:
+    it cleans what a killed run left and folds snapshots the newest point does not need.
+
 ``diff`` (an ``rbd diff v1`` file, as ``rbd export-diff`` writes it)
     ``_sources/diff_file.py``: its records are replayed into a layer on top of the latest point,
     like ``rbd import-diff``; the diff's from-snap must be the latest point's ``snapshot``.
@@ -28,19 +33,23 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import scan
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.backup import backup
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.backup import backup, tidy
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.diff_file import DiffFileSource
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.ploop import PloopSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
 
 MAX_PARALLEL = 64
+SOURCES = ("source", "diff", "ploop_descriptor")
 
 
 def check_params(params):
     """Validate everything that needs no I/O; returns the normalised values."""
     if not params.get("chain"):
         raise InputError("chain (the disk's repository directory) is required")
-    if bool(params.get("source")) == bool(params.get("diff")):
-        raise InputError("exactly one of source and diff is required")
+    if sum(bool(params.get(key)) for key in SOURCES) != 1:
+        raise InputError("exactly one of %s is required" % ", ".join(SOURCES))
+    if params.get("cleanup_only") and not params.get("ploop_descriptor"):
+        raise InputError("cleanup_only applies to ploop_descriptor (the ploop disk's snapshots)")
     parallel = params.get("parallel")
     parallel = 8 if parallel is None else parallel
     if not 1 <= parallel <= MAX_PARALLEL:
@@ -74,7 +83,17 @@ def append_point(params, check_mode=False):
     repo = Repository(params["chain"], dir_mode=opts["dir_mode"], file_mode=opts["file_mode"])
     run = dict(force_full=params.get("force_full"), point_name=params.get("point_name"), writer=opts["writer"],
                parallel=opts["parallel"], cache=opts["cache"], check_mode=check_mode)
-    if params.get("source"):
+    if params.get("ploop_descriptor"):
+        with PloopSource(params["ploop_descriptor"], params.get("ploop_root") or "/vz/private",
+                         config=params.get("ploop_config"), parallel=opts["parallel"], check_mode=check_mode) as src:
+            if params.get("cleanup_only"):
+                result = tidy(repo, src, check_mode=check_mode)
+                result.update(mode="ploop", descriptor=src.descriptor)
+                return result
+            _check_size(src.size, "ploop disk %s" % src.descriptor)
+            result = backup(repo, src, extra=dict(mode="ploop"), **run)
+            result.update(mode="ploop", size=src.size, snapshot=src.snapshot, descriptor=src.descriptor)
+    elif params.get("source"):
         with RawSource(params["source"]) as src:
             _check_size(src.size, "source %s" % params["source"])
             src.snapshot = params.get("snapshot_name")

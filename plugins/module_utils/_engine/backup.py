@@ -104,6 +104,24 @@ def backup(repo, source, force_full=False, point_name=None, writer="direct", par
     return result
 
 
+def tidy(repo, source, check_mode=False):
+    """No backup: what a killed or failed run left is cleaned (the journal, partial files) and the
+    source's own housekeeping runs (``source.tidy(keep)``: the snapshots of ours that the newest point
+    does not need go).  What a role runs in ``always:`` after a backup; returns the result dict."""
+    result = dict(changed=False, chain=repo.disk_dir, cleaned_partial=[], cleaned_orphans=[], tidied=[],
+                  warnings=[])
+    if check_mode or not os.path.isdir(repo.disk_dir):
+        return result  # nothing is changed in check mode; without a repository there is no run to clean up
+    with repo.lock():
+        repo.load()
+        result["cleaned_partial"] = repo.cleanup_partial()
+        result["cleaned_orphans"] = clean_killed_run(repo, source, result["warnings"])
+        latest = repo.latest()
+        result["tidied"] = source.tidy(latest.get("snapshot") if latest else None)
+    result["changed"] = bool(result["cleaned_partial"] or result["cleaned_orphans"] or result["tidied"])
+    return result
+
+
 def _plan(repo, source, force_full, point_name, result):
     done = source.refuse(repo)
     if done is not None:

@@ -252,20 +252,43 @@ def _present(params, desc, record, result, check_mode):
                                                   temporary=bool(params.get("temporary"))))
         result["_predicted"] = predicted
         return
-    record.snapshots.append(dict(name=name, uuid=guid, temporary=bool(params.get("temporary")), state="creating",
-                                 created=_naming.utcnow().isoformat()))
-    record.save()  # before ploop runs: a killed run leaves a GUID the next run can look for
+    take(desc.path, record, name, guid, temporary=bool(params.get("temporary")))
+
+
+def take(descriptor, record, name, guid, temporary=False):
+    """``ploop snapshot`` of ``descriptor`` as ``guid``, written down in ``record`` (locked, loaded) as ours
+    BEFORE ploop runs, so a run killed at any point leaves a GUID the next run can look for.  Returns
+    the descriptor as it is afterwards."""
+    record.snapshots.append(dict(name=name, uuid=_ploop.check_guid(guid), temporary=bool(temporary),
+                                 state="creating", created=_naming.utcnow().isoformat()))
+    record.save()
     try:
-        _ploop.snapshot(desc.path, guid)
+        _ploop.snapshot(descriptor, guid)
     except SnapchainError:
         try:  # ploop refused or failed: keep the record true (made after all, or dropped again)
-            record.settle(_ploop.read_descriptor(desc.path, require_files=False).chain)
+            record.settle(_ploop.read_descriptor(descriptor, require_files=False).chain)
             record.save()
         except SnapchainError:
             pass  # the next run settles it; ploop's own error is the one to report
         raise
-    record.settle(_ploop.read_descriptor(desc.path).chain)
+    desc = _ploop.read_descriptor(descriptor)
+    record.settle(desc.chain)
     record.save()
+    return desc
+
+
+def drop(descriptor, record, guid):
+    """Remove our snapshot ``guid`` (below the top) from the stack, data kept: ``ploop snapshot-delete``
+    folds the image above it into its file.  Refuses a GUID that is not ours.  Returns the descriptor
+    as it is afterwards."""
+    if record.by_uuid(guid) is None:
+        raise ConflictError("snapshot %s of %s was not made by snapchain: it is never touched" % (guid, descriptor),
+                            uuid=guid)
+    _ploop.delete(descriptor, guid)
+    desc = _ploop.read_descriptor(descriptor)
+    record.settle(desc.chain)
+    record.save()
+    return desc
 
 
 def _remove(params, desc, record, result, check_mode):

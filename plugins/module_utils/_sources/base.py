@@ -40,6 +40,9 @@ A source is one disk at one moment.  The flow calls, in this order, under the re
 ``remove_orphan(record, referenced)``
     A killed run journalled ``record``; remove what it created unless ``referenced`` (a point
     of the manifest uses it).  Returns a description of what was removed or None.
+``tidy(keep)``
+    No backup (``_engine.backup.tidy``, a role's ``always:``): what ``finish`` would prune, with
+    ``keep`` the newest point's snapshot.  Returns a list of what was removed.
 
 Verify's compare hook: ``Cls.at_point(params, point)`` (a context manager) opens the source of a
 point as it is now, at the point's moment (NotFoundError when that is gone); ``describe_point``
@@ -129,6 +132,11 @@ class Source:
 
     def remove_orphan(self, record, referenced):
         return None
+
+    def tidy(self, keep):
+        """Housekeeping without a backup (``_engine.backup.tidy``): remove what the newest point, whose
+        ``snapshot`` is ``keep``, does not need; returns what was removed."""
+        return []
 
     def identity(self):
         raise NotImplementedError

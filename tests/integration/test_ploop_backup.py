@@ -1,0 +1,221 @@
+"""Backups of a ploop disk (qcow2_chain_append ploop_descriptor=) with the real ``ploop`` 1.15 and QEMU.
+
+The disk is a real, unmounted ploop disk (tests/ploop_fixtures.py) holding an ext4 file system;
+every write between backups goes through ``qemu-io -f parallels`` into the top delta ploop made.
+Each point is restored with qcow2_chain_restore and compared by sha256 with what the disk read at
+its snapshot.  What is NOT run here: a mounted disk of a running container (no ploop kernel module
+on this host); there ploop itself talks to the kernel, our command sequence is the same.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+import module_runner
+import ploop_fixtures as pf
+
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import ploop
+
+MiB = pf.MiB
+SIZE = 64 * MiB
+
+
+@pytest.fixture
+def disk(tmp_path):
+    """(private root, descriptor) of container 101's 64 MiB ploop disk with an ext4 file system on it."""
+    root = tmp_path / "private"
+    dd = pf.make_disk(str(root / "101" / "root.hdd"), size=SIZE)
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("ct101\n")
+    (tree / "data.bin").write_bytes(os.urandom(5 * MiB))
+    raw = tmp_path / "fs.raw"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw), "%dM" % (SIZE // MiB)], check=True)
+    subprocess.run(["qemu-img", "convert", "-q", "-n", "--target-is-zero", "-f", "raw", "-O", "parallels", str(raw),
+                    top_file(dd)], check=True)
+    return str(root), dd
+
+
+def top_file(dd):
+    desc = ploop.read_descriptor(dd)
+    return desc.file(desc.top)
+
+
+def disk_sha(dd):
+    """sha256 of what the whole disk reads now (every image of the stack, the top included)."""
+    desc = ploop.read_descriptor(dd)
+    return pf.sha256_of_stack(ploop.stack_spec(desc.stack(desc.top)))
+
+
+def backup(root, dd, chain, check_mode=False, expect_failed=False, **args):
+    return module_runner.run("qcow2_chain_append", dict(chain=chain, ploop_descriptor=dd, ploop_root=root, **args),
+                             check_mode=check_mode, expect_failed=expect_failed)
+
+
+def restore_sha(chain, point, tmp_path):
+    out = tmp_path / ("restored-%s.raw" % point)
+    module_runner.run("qcow2_chain_restore", dict(chain=chain, point=point, file=str(out), format="raw", force=True))
+    digest = hashlib.sha256()
+    with open(out, "rb") as f:
+        for block in iter(lambda: f.read(MiB), b""):
+            digest.update(block)
+    out.unlink()
+    return digest.hexdigest()
+
+
+def ours(dd):
+    with open(os.path.join(os.path.dirname(dd), ".snapchain-ploop.json")) as f:
+        return [s["uuid"] for s in json.load(f)["snapshots"]]
+
+
+def test_full_then_exact_incrementals_every_point_restores(disk, tmp_path):
+    root, dd = disk
+    chain = str(tmp_path / "repo" / "101-root")
+    plan = backup(root, dd, chain, check_mode=True)
+    assert plan["full"] and plan["changed"] and not os.path.exists(chain)
+    assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [ploop.TOP_GUID]  # check mode made no snapshot
+
+    expected = {}
+    sha = disk_sha(dd)
+    first = backup(root, dd, chain)
+    assert first["full"] and first["mode"] == "ploop" and first["changed"]
+    expected[first["point"]["name"]] = sha
+    allocated = sum(e.length for e in pf_map(dd, first["snapshot"]))
+    assert first["bytes_read"] == allocated < SIZE  # a full reads what the stack allocates, not the disk
+    # our snapshot stays as the next base, in the stack and in our record
+    assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [first["snapshot"], ploop.TOP_GUID]
+    assert ours(dd) == [first["snapshot"]]
+    assert "ct101" not in (first["point"]["extra"]["ploop"]["config_text"] or "")
+    assert "<Parallels_disk_image>" in first["point"]["extra"]["ploop"]["descriptor_xml"]
+
+    previous = first
+    for n, (offset, length) in enumerate([(8 * MiB, 3 * MiB), (40 * MiB + 4096, 8192)]):
+        pf.write(top_file(dd), 0x40 + n, offset, length)
+        sha = disk_sha(dd)
+        run = backup(root, dd, chain)
+        assert not run["full"] and run["parent"] == previous["point"]["name"]
+        # exactly the delta's clusters (1 MiB ploop clusters), whatever the disk size
+        start, end = offset // MiB * MiB, -(-(offset + length) // MiB) * MiB
+        assert run["bytes_read"] == end - start, run
+        assert run["merged_snapshots"] == [previous["snapshot"]] and run["kept_snapshot"] == run["snapshot"]
+        assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [run["snapshot"], ploop.TOP_GUID]
+        assert ours(dd) == [run["snapshot"]]
+        assert disk_sha(dd) == sha  # the fold changed nothing the disk reads
+        expected[run["point"]["name"]] = sha
+        previous = run
+
+    for point, sha in expected.items():
+        assert restore_sha(chain, point, tmp_path) == sha, point
+    verified = module_runner.run("chain_verify", dict(chain=chain, points="all"))
+    assert verified["mismatch_count"] == 0 and not verified["structure_problems"] and not verified["errors"], verified
+
+
+def pf_map(dd, guid):
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA
+    desc = ploop.read_descriptor(dd)
+    return [e for e in qemu_img.map_extents(ploop.stack_spec(desc.stack(guid))) if e.kind == DATA]
+
+
+def test_config_and_descriptor_kept_with_the_point(disk, tmp_path):
+    root, dd = disk
+    conf = tmp_path / "101.conf"
+    conf.write_text('HOSTNAME="ct101"\nDISK="/vz/private/101/root.hdd"\n')
+    run = backup(root, dd, str(tmp_path / "repo"), ploop_config=str(conf))
+    meta = run["point"]["extra"]["ploop"]
+    assert meta["config"] == str(conf) and meta["config_text"] == conf.read_text()
+    assert meta["snapshot"] == run["snapshot"] and meta["images"] == ["root.hdd"]
+
+
+@contextlib.contextmanager
+def stand_in(tmp_path, tool, subcommand, action):
+    """STAND-IN for ``tool`` (first on PATH; a mock, labelled): on ``subcommand`` it touches
+    ``<tmp>/started`` and then fails (``fail``) or sleeps 30 s before running the real tool (``stall``,
+    so the test can SIGKILL the module at that step); every other call runs the real tool at once."""
+    bindir = tmp_path / ("bin-" + tool)
+    bindir.mkdir()
+    real = shutil.which(tool)
+    then = "echo 'stand-in failure' >&2; exit 1" if action == "fail" else "sleep 30"
+    (bindir / tool).write_text(
+        "#!/bin/sh\n# STAND-IN for %s: %s on %s\nif [ \"$1\" = %s ]; then touch %s; %s; fi\nexec %s \"$@\"\n"
+        % (tool, action, subcommand, subcommand, tmp_path / "started", then, real))
+    (bindir / tool).chmod(0o755)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = "%s:%s" % (bindir, path)
+    try:
+        yield tmp_path / "started"
+    finally:
+        os.environ["PATH"] = path
+
+
+def wait_for(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, "%s never appeared" % path
+        time.sleep(0.05)
+
+
+def test_failed_backup_folds_its_snapshot_away(disk, tmp_path):
+    """A failure after ploop snapshot (here ``qemu-img map`` fails: a stand-in) folds the snapshot away
+    again: the stack and our record are as before, and nothing the disk reads changed."""
+    root, dd = disk
+    chain = str(tmp_path / "repo")
+    first = backup(root, dd, chain)
+    pf.write(top_file(dd), 0x55, 4 * MiB, MiB)
+    before = disk_sha(dd)
+    with stand_in(tmp_path, "qemu-img", "map", "fail"):
+        failed = backup(root, dd, chain, expect_failed=True)
+    assert "stand-in failure" in failed["msg"]
+    assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [first["snapshot"], ploop.TOP_GUID]
+    assert ours(dd) == [first["snapshot"]] and disk_sha(dd) == before
+    run = backup(root, dd, chain)
+    assert run["parent"] == first["point"]["name"] and run["bytes_read"] == MiB
+
+
+@pytest.mark.parametrize("step", ["before_publish", "before_fold"])
+def test_sigkill_between_snapshot_and_merge_next_run_repairs(disk, tmp_path, step):
+    """SIGKILL of the backup after ``ploop snapshot``: while it maps the delta (``before_publish``), or
+    after the point is published, in the fold of the older snapshot (``before_fold``).  A stand-in
+    (labelled) holds the tool at that step.  The role's ``cleanup_only`` step then repairs the stack:
+    an unpublished snapshot is folded away, or the older one is once the new point holds the newer."""
+    root, dd = disk
+    chain = str(tmp_path / "repo")
+    first = backup(root, dd, chain)
+    pf.write(top_file(dd), 0x77, 16 * MiB, 2 * MiB)
+    before = disk_sha(dd)
+    tool, sub = ("qemu-img", "map") if step == "before_publish" else ("ploop", "snapshot-delete")
+    with stand_in(tmp_path, tool, sub, "stall") as started:
+        proc = module_runner.start("qcow2_chain_append", dict(chain=chain, ploop_descriptor=dd, ploop_root=root))
+        wait_for(started)
+        proc.send_signal(signal.SIGKILL)
+        module_runner.finish(proc)
+        subprocess.run(["pkill", "-f", "bin-%s/%s" % (tool, tool)], check=False)  # the stalled stand-in too
+    stack = [r["uuid"] for r in ploop.snapshot_list(dd)]
+    assert len(stack) == 3 and stack[0] == first["snapshot"], stack  # the killed run's snapshot is left
+    points = [p["name"] for p in json.load(open(os.path.join(chain, "manifest.json")))["points"]]
+    assert len(points) == (1 if step == "before_publish" else 2)
+    cleaned = backup(root, dd, chain, cleanup_only=True)
+    assert cleaned["changed"], cleaned
+    if step == "before_publish":
+        assert any("killed" in c for c in cleaned["cleaned_orphans"]), cleaned
+        assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [first["snapshot"], ploop.TOP_GUID]
+    else:
+        assert cleaned["tidied"] == [first["snapshot"]]
+        assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [stack[1], ploop.TOP_GUID]
+    assert disk_sha(dd) == before  # nothing written to the disk was lost
+    assert not backup(root, dd, chain, cleanup_only=True)["changed"]
+    pf.write(top_file(dd), 0x78, 30 * MiB, MiB)
+    after = disk_sha(dd)
+    run = backup(root, dd, chain)
+    assert run["parent"] == points[-1]
+    assert run["bytes_read"] == (3 if step == "before_publish" else 1) * MiB
+    assert restore_sha(chain, run["point"]["name"], tmp_path) == after
+    if step == "before_fold":
+        assert restore_sha(chain, points[-1], tmp_path) == before
