@@ -92,13 +92,17 @@ options:
     default: false
   file:
     description:
-      - Restore into a file (raw or qcow2, see O(format)), refused when it exists unless O(force).
+      - Restore into a file (raw, qcow2 or ploop, see O(format)), refused when it exists unless O(force).
       - A raw file is sparse (zero ranges are holes); a qcow2 file is made with C(qemu-img convert -O qcow2).
+      - With O(format=ploop), O(file) is the image of a new ploop disk (for example
+        C(/vz/private/101/root.hdd/root.hdd)); its C(DiskDescriptor.xml) is written beside it. The image is
+        a version-1 ploop image written by QEMU's C(parallels) driver, checked with C(ploop check) and read
+        back with C(ploop snapshot-list) before it is renamed into place.
     type: path
   format:
     description: Format of O(file).
     type: str
-    choices: [raw, qcow2]
+    choices: [raw, qcow2, ploop]
   mode:
     description: Mode of the restored O(file).
     type: str
@@ -352,7 +356,7 @@ def main():
             )),
             in_place=dict(type="bool", default=False),
             file=dict(type="path"),
-            format=dict(type="str", choices=["raw", "qcow2"]),
+            format=dict(type="str", choices=["raw", "qcow2", "ploop"]),
             mode=dict(type="str", default="0600"),
             device=dict(type="path"),
             force=dict(type="bool", default=False),

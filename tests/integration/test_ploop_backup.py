@@ -219,3 +219,32 @@ def test_sigkill_between_snapshot_and_merge_next_run_repairs(disk, tmp_path, ste
     assert restore_sha(chain, run["point"]["name"], tmp_path) == after
     if step == "before_fold":
         assert restore_sha(chain, points[-1], tmp_path) == before
+
+
+def test_restore_into_a_ploop_disk_that_ploop_accepts(disk, tmp_path):
+    """A point restored with format=ploop: an image + DiskDescriptor.xml that ploop lists and checks,
+    reading exactly the point; then ploop takes a snapshot of it and a backup of the restored disk works."""
+    root, dd = disk
+    chain = str(tmp_path / "repo")
+    pf.write(top_file(dd), 0x31, 9 * MiB + 4096, 8192)  # a partly written cluster: QEMU leaves a hole in it
+    sha = disk_sha(dd)
+    point = backup(root, dd, chain)["point"]["name"]
+    target = tmp_path / "private" / "202" / "root.hdd"
+    target.mkdir(parents=True)
+    image = target / "root.hdd"
+    plan = module_runner.run("qcow2_chain_restore", dict(chain=chain, point=point, file=str(image), format="ploop"),
+                             check_mode=True)
+    assert plan["changed"] and not image.exists()
+    done = module_runner.run("qcow2_chain_restore", dict(chain=chain, point=point, file=str(image), format="ploop"))
+    assert done["changed"] and done["destination"]["descriptor"] == str(target / "DiskDescriptor.xml")
+    assert sorted(os.listdir(target)) == ["DiskDescriptor.xml", "root.hdd"]  # nothing partial left
+    new_dd = str(target / "DiskDescriptor.xml")
+    assert [r["fname"] for r in ploop.snapshot_list(new_dd)] == [str(image)]
+    subprocess.run(["ploop", "check", "-f", "-r", str(image)], check=True, capture_output=True)
+    assert disk_sha(new_dd) == sha
+    again = module_runner.run("qcow2_chain_restore", dict(chain=chain, point=point, file=str(image), format="ploop"),
+                              expect_failed=True)
+    assert "already exists" in again["msg"]
+    # the restored disk is a working ploop disk: snapshot it through our module and back it up
+    run = backup(str(tmp_path / "private"), new_dd, str(tmp_path / "repo-202"))
+    assert run["full"] and restore_sha(str(tmp_path / "repo-202"), run["point"]["name"], tmp_path) == sha

@@ -60,6 +60,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents i
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.device import BlockDevice
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import DEFAULT_CHUNK, Window, copy_extents
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.file import FORMATS, Qcow2File, RawFile
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.ploop import PloopImage
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd import (
     DEAD_CLIENT_WAIT, PARTIAL_IMAGE_SUFFIX, NewRbdImage, RbdInPlace)
 
@@ -397,6 +398,7 @@ TARGETS = {
     ("rbd", True): RbdInPlace,
     ("file", "raw"): RawFile,
     ("file", "qcow2"): Qcow2File,
+    ("file", "ploop"): PloopImage,
     ("device", None): BlockDevice,
 }
 VARIANT_OPTION = {"rbd": ("in_place", False), "file": ("format", "raw"), "device": (None, None)}

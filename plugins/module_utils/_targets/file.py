@@ -26,7 +26,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files imp
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.base import DirectWrites, Target, human
 
 PARTIAL_FILE_SUFFIX = ".partial"
-FORMATS = ("raw", "qcow2")
+FORMATS = ("raw", "qcow2", "ploop")  # ploop: _targets/ploop.py
 _CONVERT_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
 
@@ -201,14 +201,20 @@ class Qcow2File(FileTarget):
 
     def convert(self, layer, point, parallel, progress, result):
         from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import (
-            _child_setup, usable_cache_mode)
-        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import command_error
-        needed = self.needed
-        progress.set_phase("writing", bytes_total=needed, zero_total=0)
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import usable_cache_mode
         cache = usable_cache_mode("none", os.path.dirname(self.temp) or ".")
         argv = _qemu_img.convert_argv(layer, self.temp, src_fmt="qcow2", dst_fmt="qcow2", out_of_order=True,
                                       coroutines=min(parallel, 16), cache=cache, progress=True)
+        self.run_convert(argv, point, progress)
+        _qemu_img.check(self.temp)
+
+    def run_convert(self, argv, point, progress):
+        """Run a ``qemu-img convert -p`` argv, its percentage reported as progress of ``self.needed`` bytes."""
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import _child_setup
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import command_error
+        needed = self.needed
+        progress.set_phase("writing", bytes_total=needed, zero_total=0)
         proc = _qemu_img.QEMU_IMG.spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         preexec_fn=_child_setup(os.getpid()))
         err_chunks = []
@@ -229,7 +235,6 @@ class Qcow2File(FileTarget):
             stderr = b"".join(err_chunks).decode("utf-8", "replace")
             raise command_error("qemu-img convert of point %s failed (rc=%d): %s"
                                 % (point["name"], rc, _qemu_img.tail(stderr)), argv, rc=rc, stderr=stderr)
-        _qemu_img.check(self.temp)
 
     def report(self):
         written = os.stat(self.path).st_blocks * 512
