@@ -282,7 +282,7 @@ BAD_INPUTS = [
     (dict(device="/dev/sdz", in_place=True, force=True), "in_place rolls back an RBD image: it needs an rbd destination"),
     (dict(rbd=dict(pool="rbd", image="x"), in_place=True), "in_place overwrites the image x and needs force: true"),
     (dict(rbd=dict(pool="rbd", image="x"), format="qcow2"), "format applies to a file destination only"),
-    (dict(file="/r/x", format="vmdk"), "format must be one of raw, qcow2, not 'vmdk'"),
+    (dict(file="/r/x", format="vmdk"), "format must be one of raw, qcow2, ploop, not 'vmdk'"),
     (dict(file="/r/x", mode="rw-r--r--"), "mode 'rw-r--r--' is not an octal mode like '0700'"),
     (dict(file="/r/x", mode="17777"), "mode '17777' is out of range"),
     (dict(file="/r/"), "file '/r/' names a directory: give the path of the file to write"),
