@@ -248,3 +248,18 @@ def test_restore_into_a_ploop_disk_that_ploop_accepts(disk, tmp_path):
     # the restored disk is a working ploop disk: snapshot it through our module and back it up
     run = backup(str(tmp_path / "private"), new_dd, str(tmp_path / "repo-202"))
     assert run["full"] and restore_sha(str(tmp_path / "repo-202"), run["point"]["name"], tmp_path) == sha
+
+
+def test_backups_never_fold_a_snapshot_made_under_another_name(disk, tmp_path):
+    """A snapshot the ploop_snapshot module made (ours, name "nightly") is not a backup snapshot: the
+    backup's fold after publish and cleanup_only leave it in the stack."""
+    root, dd = disk
+    chain = str(tmp_path / "repo")
+    first = backup(root, dd, chain)
+    kept = module_runner.run("ploop_snapshot", dict(descriptor=dd, root=root, name="nightly"))["uuid"]
+    pf.write(top_file(dd), 0x21, 2 * MiB, MiB)
+    run = backup(root, dd, chain)
+    assert run["merged_snapshots"] == [first["snapshot"]]
+    assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [kept, run["snapshot"], ploop.TOP_GUID]
+    assert not backup(root, dd, chain, cleanup_only=True)["changed"]
+    assert kept in ours(dd)

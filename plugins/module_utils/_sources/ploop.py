@@ -149,11 +149,14 @@ class PloopSource(Source):
         return dict(merged_snapshots=self.tidy(keep=point["snapshot"]), kept_snapshot=point["snapshot"])
 
     def tidy(self, keep):
-        """Fold away our snapshots other than ``keep`` (a GUID, or None: all of ours); returns their GUIDs."""
+        """Fold away our backup snapshots (named with ``prefix``) other than ``keep`` (a GUID, or None);
+        returns their GUIDs.  Snapshots made with the ploop_snapshot module under other names are left."""
         folded = []
         for snap in list(self.record.snapshots):
             guid = snap["uuid"]
             if guid == keep or guid not in self.desc.chain or guid == self.desc.top:
+                continue
+            if not _naming.is_managed(snap["name"], self.prefix):
                 continue
             self.desc = _snapshots.drop(self.descriptor, self.record, guid)
             folded.append(guid)
