@@ -31,27 +31,7 @@ SIZE = 64 * MiB
 def disk(tmp_path):
     """(private root, descriptor) of container 101's 64 MiB ploop disk with an ext4 file system on it."""
     root = tmp_path / "private"
-    dd = pf.make_disk(str(root / "101" / "root.hdd"), size=SIZE)
-    tree = tmp_path / "tree"
-    (tree / "etc").mkdir(parents=True)
-    (tree / "etc" / "hostname").write_text("ct101\n")
-    (tree / "data.bin").write_bytes(os.urandom(5 * MiB))
-    raw = tmp_path / "fs.raw"
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(tree), str(raw), "%dM" % (SIZE // MiB)], check=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-n", "--target-is-zero", "-f", "raw", "-O", "parallels", str(raw),
-                    top_file(dd)], check=True)
-    return str(root), dd
-
-
-def top_file(dd):
-    desc = ploop.read_descriptor(dd)
-    return desc.file(desc.top)
-
-
-def disk_sha(dd):
-    """sha256 of what the whole disk reads now (every image of the stack, the top included)."""
-    desc = ploop.read_descriptor(dd)
-    return pf.sha256_of_stack(ploop.stack_spec(desc.stack(desc.top)))
+    return str(root), pf.make_ext4_disk(root / "101" / "root.hdd", tmp_path, size=SIZE)
 
 
 def backup(root, dd, chain, check_mode=False, expect_failed=False, **args):
@@ -70,11 +50,6 @@ def restore_sha(chain, point, tmp_path):
     return digest.hexdigest()
 
 
-def ours(dd):
-    with open(os.path.join(os.path.dirname(dd), ".snapchain-ploop.json")) as f:
-        return [s["uuid"] for s in json.load(f)["snapshots"]]
-
-
 def test_full_then_exact_incrementals_every_point_restores(disk, tmp_path):
     root, dd = disk
     chain = str(tmp_path / "repo" / "101-root")
@@ -83,7 +58,7 @@ def test_full_then_exact_incrementals_every_point_restores(disk, tmp_path):
     assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [ploop.TOP_GUID]  # check mode made no snapshot
 
     expected = {}
-    sha = disk_sha(dd)
+    sha = pf.disk_sha(dd)
     first = backup(root, dd, chain)
     assert first["full"] and first["mode"] == "ploop" and first["changed"]
     expected[first["point"]["name"]] = sha
@@ -91,14 +66,14 @@ def test_full_then_exact_incrementals_every_point_restores(disk, tmp_path):
     assert first["bytes_read"] == allocated < SIZE  # a full reads what the stack allocates, not the disk
     # our snapshot stays as the next base, in the stack and in our record
     assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [first["snapshot"], ploop.TOP_GUID]
-    assert ours(dd) == [first["snapshot"]]
+    assert pf.ours(dd) == [first["snapshot"]]
     assert "ct101" not in (first["point"]["extra"]["ploop"]["config_text"] or "")
     assert "<Parallels_disk_image>" in first["point"]["extra"]["ploop"]["descriptor_xml"]
 
     previous = first
     for n, (offset, length) in enumerate([(8 * MiB, 3 * MiB), (40 * MiB + 4096, 8192)]):
-        pf.write(top_file(dd), 0x40 + n, offset, length)
-        sha = disk_sha(dd)
+        pf.write(pf.top_file(dd), 0x40 + n, offset, length)
+        sha = pf.disk_sha(dd)
         run = backup(root, dd, chain)
         assert not run["full"] and run["parent"] == previous["point"]["name"]
         # exactly the delta's clusters (1 MiB ploop clusters), whatever the disk size
@@ -106,8 +81,8 @@ def test_full_then_exact_incrementals_every_point_restores(disk, tmp_path):
         assert run["bytes_read"] == end - start, run
         assert run["merged_snapshots"] == [previous["snapshot"]] and run["kept_snapshot"] == run["snapshot"]
         assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [run["snapshot"], ploop.TOP_GUID]
-        assert ours(dd) == [run["snapshot"]]
-        assert disk_sha(dd) == sha  # the fold changed nothing the disk reads
+        assert pf.ours(dd) == [run["snapshot"]]
+        assert pf.disk_sha(dd) == sha  # the fold changed nothing the disk reads
         expected[run["point"]["name"]] = sha
         previous = run
 
@@ -168,13 +143,13 @@ def test_failed_backup_folds_its_snapshot_away(disk, tmp_path):
     root, dd = disk
     chain = str(tmp_path / "repo")
     first = backup(root, dd, chain)
-    pf.write(top_file(dd), 0x55, 4 * MiB, MiB)
-    before = disk_sha(dd)
+    pf.write(pf.top_file(dd), 0x55, 4 * MiB, MiB)
+    before = pf.disk_sha(dd)
     with stand_in(tmp_path, "qemu-img", "map", "fail"):
         failed = backup(root, dd, chain, expect_failed=True)
     assert "stand-in failure" in failed["msg"]
     assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [first["snapshot"], ploop.TOP_GUID]
-    assert ours(dd) == [first["snapshot"]] and disk_sha(dd) == before
+    assert pf.ours(dd) == [first["snapshot"]] and pf.disk_sha(dd) == before
     run = backup(root, dd, chain)
     assert run["parent"] == first["point"]["name"] and run["bytes_read"] == MiB
 
@@ -188,8 +163,8 @@ def test_sigkill_between_snapshot_and_merge_next_run_repairs(disk, tmp_path, ste
     root, dd = disk
     chain = str(tmp_path / "repo")
     first = backup(root, dd, chain)
-    pf.write(top_file(dd), 0x77, 16 * MiB, 2 * MiB)
-    before = disk_sha(dd)
+    pf.write(pf.top_file(dd), 0x77, 16 * MiB, 2 * MiB)
+    before = pf.disk_sha(dd)
     tool, sub = ("qemu-img", "map") if step == "before_publish" else ("ploop", "snapshot-delete")
     with stand_in(tmp_path, tool, sub, "stall") as started:
         proc = module_runner.start("qcow2_chain_append", dict(chain=chain, ploop_descriptor=dd, ploop_root=root))
@@ -209,10 +184,10 @@ def test_sigkill_between_snapshot_and_merge_next_run_repairs(disk, tmp_path, ste
     else:
         assert cleaned["tidied"] == [first["snapshot"]]
         assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [stack[1], ploop.TOP_GUID]
-    assert disk_sha(dd) == before  # nothing written to the disk was lost
+    assert pf.disk_sha(dd) == before  # nothing written to the disk was lost
     assert not backup(root, dd, chain, cleanup_only=True)["changed"]
-    pf.write(top_file(dd), 0x78, 30 * MiB, MiB)
-    after = disk_sha(dd)
+    pf.write(pf.top_file(dd), 0x78, 30 * MiB, MiB)
+    after = pf.disk_sha(dd)
     run = backup(root, dd, chain)
     assert run["parent"] == points[-1]
     assert run["bytes_read"] == (3 if step == "before_publish" else 1) * MiB
@@ -226,8 +201,8 @@ def test_restore_into_a_ploop_disk_that_ploop_accepts(disk, tmp_path):
     reading exactly the point; then ploop takes a snapshot of it and a backup of the restored disk works."""
     root, dd = disk
     chain = str(tmp_path / "repo")
-    pf.write(top_file(dd), 0x31, 9 * MiB + 4096, 8192)  # a partly written cluster: QEMU leaves a hole in it
-    sha = disk_sha(dd)
+    pf.write(pf.top_file(dd), 0x31, 9 * MiB + 4096, 8192)  # a partly written cluster: QEMU leaves a hole in it
+    sha = pf.disk_sha(dd)
     point = backup(root, dd, chain)["point"]["name"]
     target = tmp_path / "private" / "202" / "root.hdd"
     target.mkdir(parents=True)
@@ -241,7 +216,7 @@ def test_restore_into_a_ploop_disk_that_ploop_accepts(disk, tmp_path):
     new_dd = str(target / "DiskDescriptor.xml")
     assert [r["fname"] for r in ploop.snapshot_list(new_dd)] == [str(image)]
     subprocess.run(["ploop", "check", "-f", "-r", str(image)], check=True, capture_output=True)
-    assert disk_sha(new_dd) == sha
+    assert pf.disk_sha(new_dd) == sha
     again = module_runner.run("qcow2_chain_restore", dict(chain=chain, point=point, file=str(image), format="ploop"),
                               expect_failed=True)
     assert "already exists" in again["msg"]
@@ -257,9 +232,9 @@ def test_backups_never_fold_a_snapshot_made_under_another_name(disk, tmp_path):
     chain = str(tmp_path / "repo")
     first = backup(root, dd, chain)
     kept = module_runner.run("ploop_snapshot", dict(descriptor=dd, root=root, name="nightly"))["uuid"]
-    pf.write(top_file(dd), 0x21, 2 * MiB, MiB)
+    pf.write(pf.top_file(dd), 0x21, 2 * MiB, MiB)
     run = backup(root, dd, chain)
     assert run["merged_snapshots"] == [first["snapshot"]]
     assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [kept, run["snapshot"], ploop.TOP_GUID]
     assert not backup(root, dd, chain, cleanup_only=True)["changed"]
-    assert kept in ours(dd)
+    assert kept in pf.ours(dd)

@@ -41,10 +41,10 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import na
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, Extent, merge
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ploop import snapshots as _snapshots
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ploop.disks import CONF_DIR
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source
 
 DEFAULT_PREFIX = "snapchain-backup-"  # the tag of our backup snapshots in the record
-CONF_DIR = "/etc/vz/conf"
 MAX_METADATA_BYTES = 1 << 20  # a descriptor or container config larger than this is not kept in the manifest
 
 

@@ -92,9 +92,8 @@ class PloopImage(Qcow2File):
         replace_file(self.descriptor, self.final_descriptor.encode(), self.mode)
 
     def abort(self, exc=None):
-        for path in (self.descriptor_temp,):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        try:
+            os.unlink(self.descriptor_temp)
+        except OSError:
+            pass
         super().abort(exc)
