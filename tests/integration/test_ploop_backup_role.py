@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+import module_runner
 import ploop_fixtures as pf
 from ansible_runner import ROOT, playbook
 
@@ -129,6 +130,27 @@ def test_bad_settings_are_refused_before_anything_runs(area):
     assert "does not exist or is not a directory" in proc.stdout
     assert os.listdir(area["repo"]) == [] and not any(
         os.path.exists(os.path.join(os.path.dirname(dd), ".snapchain-ploop.json")) for dd in area["dds"].values())
+
+
+def test_a_temporary_snapshot_a_killed_run_left_is_merged_by_the_next_role_run(area):
+    """The seed's "snapshot, copy, merge back" with ploop_snapshot temporary=true, killed before the merge:
+    the next snapshot is refused with a message naming the role; the role's run merges it away (data
+    kept) and the seed flow works again.  A non-temporary snapshot of ours ("nightly") stays."""
+    dd, root = area["dds"]["101"], area["root"]
+    nightly = module_runner.run("ploop_snapshot", dict(descriptor=dd, root=root, name="nightly"))["uuid"]
+    pf.write(pf.top_file(dd), 0x11, 0, MiB)
+    left = module_runner.run("ploop_snapshot", dict(descriptor=dd, root=root, name="seed-copy", temporary=True))["uuid"]
+    pf.write(pf.top_file(dd), 0x12, 4 * MiB, MiB)
+    sha = pf.disk_sha(dd)
+    refused = module_runner.run("ploop_snapshot", dict(descriptor=dd, root=root, name="seed-copy-2", temporary=True),
+                                expect_failed=True)
+    assert "unmerged temporary snapshot" in refused["msg"] and "ploop backup role" in refused["msg"]
+    lines = summary(run_role(area, ploop_backup_containers=[{"ctid": "101"}]))
+    assert lines[1].startswith("CT 101: full ("), lines
+    stack = [r["uuid"] for r in ploop.snapshot_list(dd)]
+    assert left not in stack and nightly in stack and len(stack) == 3, stack
+    assert pf.disk_sha(dd) == sha and point_sha(area, "101", points(area, "101")[0]) == sha
+    module_runner.run("ploop_snapshot", dict(descriptor=dd, root=root, name="seed-copy-2", temporary=True))
 
 
 RECORDER = """#!/usr/bin/python3

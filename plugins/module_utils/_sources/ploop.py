@@ -149,14 +149,15 @@ class PloopSource(Source):
         return dict(merged_snapshots=self.tidy(keep=point["snapshot"]), kept_snapshot=point["snapshot"])
 
     def tidy(self, keep):
-        """Fold away our backup snapshots (named with ``prefix``) other than ``keep`` (a GUID, or None);
-        returns their GUIDs.  Snapshots made with the ploop_snapshot module under other names are left."""
+        """Fold away our backup snapshots (named with ``prefix``) other than ``keep`` (a GUID, or None), and
+        any ``temporary`` snapshot of ours (ploop_snapshot's "snapshot, copy, merge back" that a killed run
+        left unmerged); returns their GUIDs.  Other snapshots made with the ploop_snapshot module stay."""
         folded = []
         for snap in list(self.record.snapshots):
             guid = snap["uuid"]
             if guid == keep or guid not in self.desc.chain or guid == self.desc.top:
                 continue
-            if not _naming.is_managed(snap["name"], self.prefix):
+            if not (_naming.is_managed(snap["name"], self.prefix) or snap.get("temporary")):
                 continue
             self.desc = _snapshots.drop(self.descriptor, self.record, guid)
             folded.append(guid)
