@@ -70,11 +70,12 @@ options:
     type: int
   compare_source:
     description:
-      - Also compare the newest point with the RBD snapshot it was taken from, read through librbd (same
-        blocks as O(sample_percent) selects). Skipped, with the reason in RV(source), when the snapshot is
-        gone or was re-created.
+      - Also compare the newest point with the snapshot it was taken from (same blocks as O(sample_percent)
+        selects): an RBD snapshot read through librbd, or the ploop snapshot of ours the newest point keeps
+        in the stack, read through QEMU's C(parallels) driver. Skipped, with the reason in RV(source), when
+        the snapshot is gone or was re-created, or while a ploop backup of the disk runs.
       - Catches points whose layer agrees with its own digests but not with the snapshot (a bad diff).
-      - Uses the Ceph connection options.
+      - Uses the Ceph connection options for an RBD source.
     type: bool
     default: false
   drill:
@@ -117,7 +118,7 @@ options:
     default: 300
 notes:
   - Runs on the host that holds the repository. Needs qemu-img, qemu-nbd and python3-libnbd there, and
-    python3-rbd with O(compare_source).
+    python3-rbd with O(compare_source) of an RBD source.
 requirements:
   - qemu-img and qemu-nbd (qemu-utils) and python3-libnbd on the host that holds the repository
 """

@@ -22,6 +22,7 @@ import module_runner
 import ploop_fixtures as pf
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import ploop
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ploop.snapshots import Record
 
 MiB = pf.MiB
 SIZE = 64 * MiB
@@ -238,3 +239,32 @@ def test_backups_never_fold_a_snapshot_made_under_another_name(disk, tmp_path):
     assert [r["uuid"] for r in ploop.snapshot_list(dd)] == [kept, run["snapshot"], ploop.TOP_GUID]
     assert not backup(root, dd, chain, cleanup_only=True)["changed"]
     assert kept in pf.ours(dd)
+
+
+def test_verify_compares_the_newest_point_with_its_ploop_snapshot(disk, tmp_path):
+    """chain_verify compare_source reads the stack frozen by the newest point's snapshot (no Ceph
+    options): clean after a backup; a block changed in the frozen image (damage a backup cannot
+    see) is a source mismatch; while a backup holds the disk, the compare is skipped with the reason."""
+    root, dd = disk
+    chain = str(tmp_path / "repo")
+    backup(root, dd, chain)
+    pf.write(pf.top_file(dd), 0x44, 6 * MiB, MiB)
+    run = backup(root, dd, chain)
+    clean = module_runner.run("chain_verify", dict(chain=chain, compare_source=True))
+    assert clean["source"]["compared"] and clean["source"]["snapshot"] == run["snapshot"], clean["source"]
+    assert clean["source"]["spec"] == "%s snapshot %s" % (dd, run["snapshot"]) and clean["mismatch_count"] == 0
+
+    desc = ploop.read_descriptor(dd)
+    frozen = desc.file(run["snapshot"])  # the image the newest point's snapshot froze
+    pf.write(frozen, 0x99, 6 * MiB, 65536)
+    bad = module_runner.run("chain_verify", dict(chain=chain, compare_source=True, mark_bad=False),
+                            expect_failed=True)
+    assert [(m["check"], m["offset"]) for m in bad["mismatches"]] == [("source", 6 * MiB)], bad["mismatches"]
+
+    held = Record(os.path.realpath(dd))
+    held.lock()  # what a running backup holds for its whole run
+    try:
+        skipped = module_runner.run("chain_verify", dict(chain=chain, compare_source=True))
+    finally:
+        held.unlock()
+    assert not skipped["source"]["compared"] and "being backed up now" in skipped["source"]["reason"]

@@ -489,7 +489,7 @@ def select_points(repo, selector):
 def verify(params, check_mode=False):
     """Verify one disk repository; returns the result dict (``failed`` set when anything is wrong)."""
     opts = check_params(params)
-    if opts["compare_source"]:
+    if opts["compare_source"] and _latest_source_type(opts["chain"]) in (None, "rbd"):
         from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import connection as _ceph
         from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
         if not _rbd.HAS_RBD:
@@ -818,10 +818,24 @@ def _drill(repo, report, point, expected, opts):
 
 
 def _comparable_sources():
-    """Source classes with the compare hook, by the ``source.type`` a point records."""
+    """Source classes with the compare hook (``at_point``, ``describe_point``), by the ``source.type`` a
+    point records."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.ploop import PloopSource
     from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.rbd import RbdSource
 
-    return {RbdSource.kind: RbdSource}
+    return {RbdSource.kind: RbdSource, PloopSource.kind: PloopSource}
+
+
+def _latest_source_type(chain):
+    """The ``source.type`` of the newest point (None when it cannot be read now: the checks say why later),
+    so that compare_source asks for the Ceph binding and options only when the source is RBD."""
+    repo = Repository(chain)
+    try:
+        repo.load(verify=False)
+    except (RepositoryError, NotFoundError, OSError):
+        return None
+    latest = repo.latest()
+    return ((latest or {}).get("source") or {}).get("type")
 
 
 def _compare_source(repo, report, point, expected, block_size, opts, params):
@@ -852,6 +866,9 @@ def _compare_source(repo, report, point, expected, block_size, opts, params):
                                   limit=opts["limit"], digest=repo.digest_for(name))
     except NotFoundError as exc:
         info["reason"] = "the source snapshot is gone: %s" % exc.msg
+        return
+    except LockedError as exc:
+        info["reason"] = "the source is being backed up now, not compared: %s" % exc.msg
         return
     except (CephError, InputError, TransferError) as exc:
         report.error(CHECK_SOURCE, name, "cannot compare point %s with %s: %s" % (name, spec, exc.msg))

@@ -38,7 +38,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import plo
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import QemuNbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, NotFoundError, TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, Extent, merge
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ploop import snapshots as _snapshots
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ploop.disks import CONF_DIR
@@ -129,9 +129,7 @@ class PloopSource(Source):
         self._open(self.desc.stack(guid))
 
     def _open(self, files):
-        server = self._stack.enter_context(QemuNbd(_ploop.stack_spec(files), fmt=None, cache="none",
-                                                   read_only=True, shared=self.parallel, detect_zeroes="off"))
-        self._pool = self._stack.enter_context(server.pool(connections=self.parallel))
+        self._pool = serve_stack(self._stack, files, self.parallel)
         if self._pool.size != self.size:
             raise TransferError("QEMU reads the ploop stack of %s as %d bytes, its descriptor says %d"
                                 % (self.descriptor, self._pool.size, self.size), descriptor=self.descriptor)
@@ -176,6 +174,26 @@ class PloopSource(Source):
     def identity(self):
         return dict(type=self.kind, descriptor=self.descriptor, config=self.config)
 
+    # -- verify's compare_source ---------------------------------------------------------------
+    @classmethod
+    @contextlib.contextmanager
+    def at_point(cls, params, point):
+        """The stack frozen by ``point``'s snapshot, read-only through QEMU, under our record's lock (no
+        backup folds it meanwhile: LockedError while one runs); NotFoundError once it was folded away."""
+        stack = FrozenStack((point.get("source") or {}).get("descriptor"), point.get("snapshot"),
+                            parallel=params.get("parallel") or 4)
+        try:
+            yield stack
+        finally:
+            stack.close()
+
+    @staticmethod
+    def describe_point(point):
+        src = point.get("source") or {}
+        if not (src.get("descriptor") and point.get("snapshot")):
+            return None
+        return "%s snapshot %s" % (src["descriptor"], point["snapshot"])
+
     def close(self):
         self._stack.close()
         self.record.unlock()
@@ -213,3 +231,46 @@ class PloopSource(Source):
             descriptor_xml=_read_small(self.descriptor, "ploop descriptor"),
             config=self.config, config_text=_read_small(self.config, "container config") if self.config else None))
         return stats, digests, extra
+
+
+def serve_stack(exit_stack, files, parallel):
+    """An NbdPool reading the ploop images ``files`` (base first) as one disk, read-only, through QEMU's
+    ``parallels`` driver (qemu-nbd of a ``json:`` stack); both are closed with ``exit_stack``."""
+    server = exit_stack.enter_context(QemuNbd(_ploop.stack_spec(files), fmt=None, cache="none", read_only=True,
+                                              shared=parallel, detect_zeroes="off"))
+    return exit_stack.enter_context(server.pool(connections=parallel))
+
+
+class FrozenStack:
+    """Our snapshot ``guid`` of the ploop disk ``descriptor`` read as the disk it froze: the images from
+    the base up to the snapshot's own, which no write reaches any more (the reader verify compares a
+    point with)."""
+
+    def __init__(self, descriptor, guid, parallel=4):
+        self.record = _snapshots.Record(descriptor)
+        self.record.lock()  # a backup holds it for its whole run: it cannot fold the stack under us
+        self._stack = contextlib.ExitStack()
+        try:
+            self.record.load()
+            desc = _ploop.read_descriptor(descriptor)
+            if guid not in desc.chain or guid == desc.top or self.record.by_uuid(guid) is None:
+                raise NotFoundError("ploop snapshot %s is no longer in the stack of %s" % (guid, descriptor),
+                                    uuid=guid, descriptor=descriptor)
+            self.size = desc.size
+            self._pool = serve_stack(self._stack, desc.stack(guid), parallel)
+        except BaseException:
+            self.close()
+            raise
+
+    def compare_problem(self, point):
+        return None  # our record names the snapshot by GUID: it cannot have been re-created under us
+
+    def zero_extents(self, offset, length):
+        return self._pool.zero_extents(offset, length)
+
+    def read(self, offset, length):
+        return self._pool.read(offset, length)
+
+    def close(self):
+        self._stack.close()
+        self.record.unlock()
