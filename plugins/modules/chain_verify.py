@@ -71,7 +71,7 @@ options:
   compare_source:
     description:
       - Also compare the newest point with the snapshot it was taken from (same blocks as O(sample_percent)
-        selects): an RBD snapshot read through librbd, or the ploop snapshot of ours the newest point keeps
+        selects) - an RBD snapshot read through librbd, or the ploop snapshot of ours the newest point keeps
         in the stack, read through QEMU's C(parallels) driver. Skipped, with the reason in RV(source), when
         the snapshot is gone or was re-created, or while a ploop backup of the disk runs.
       - Catches points whose layer agrees with its own digests but not with the snapshot (a bad diff).
