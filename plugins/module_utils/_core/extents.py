@@ -8,6 +8,7 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
 from __future__ import annotations
 
+import os
 from collections import namedtuple
 
 DATA = "data"
@@ -82,3 +83,44 @@ def clip(extents, size):
 
 def total(extents, kind=None):
     return sum(e.length for e in extents if kind is None or e.kind == kind)
+
+
+def block_span(index, block_size, size):
+    """(offset, length) of block ``index`` of a ``size``-byte disk (the last block may be short)."""
+    offset = index * block_size
+    return offset, max(0, min(block_size, size - offset))
+
+
+def zero_blocks(extents, blocks, block_size, size):
+    """Those of ``blocks`` (ascending) wholly inside ZERO extents (sorted, merged, non-overlapping)."""
+    zeros = [e for e in extents if e.kind == ZERO]
+    out = []
+    i = 0
+    for index in blocks:
+        offset, length = block_span(index, block_size, size)
+        end = offset + length
+        while i < len(zeros) and zeros[i].end <= offset:
+            i += 1
+        # zero extents are merged: a block is covered when one extent spans it
+        if i < len(zeros) and zeros[i].offset <= offset and zeros[i].end >= end:
+            out.append(index)
+    return out
+
+
+def hole_extents(fd, offset, length):
+    """ZERO extents of the holes of a (sparse) file in [offset, offset+length) via SEEK_DATA/SEEK_HOLE."""
+    end = offset + length
+    out = []
+    pos = offset
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole up to the end of the file
+            data = end
+        data = min(data, end)
+        if data > pos:
+            out.append(Extent(pos, data - pos, ZERO))
+        if data >= end:
+            break
+        pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+    return out

@@ -79,7 +79,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.dig
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CephError, CommandError, InputError, LockedError, NotFoundError, RepositoryError, SnapchainError,
     TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO, Extent
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import block_span, hole_extents, zero_blocks
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img import CACHE_MODES
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import Window
 
@@ -167,32 +167,10 @@ def expected_sample_size(total, ppm):
     return stratum_of(total - 1, ppm) + 1
 
 
-def block_span(index, block_size, size):
-    """(offset, length) of block ``index`` of a ``size``-byte disk (the last block may be short)."""
-    offset = index * block_size
-    return offset, max(0, min(block_size, size - offset))
-
-
 def units(total_blocks, unit_blocks):
     """[first, end) block ranges of the work units covering a disk."""
     for first in range(0, total_blocks, unit_blocks):
         yield first, min(first + unit_blocks, total_blocks)
-
-
-def zero_blocks(extents, blocks, block_size, size):
-    """Those of ``blocks`` (ascending) wholly inside ZERO extents (sorted, merged, non-overlapping)."""
-    zeros = [e for e in extents if e.kind == ZERO]
-    out = []
-    i = 0
-    for index in blocks:
-        offset, length = block_span(index, block_size, size)
-        end = offset + length
-        while i < len(zeros) and zeros[i].end <= offset:
-            i += 1
-        # zero extents are merged: a block is covered when one extent spans it
-        if i < len(zeros) and zeros[i].offset <= offset and zeros[i].end >= end:
-            out.append(index)
-    return out
 
 
 def runs(blocks):
@@ -204,25 +182,6 @@ def runs(blocks):
         else:
             out.append([index, index + 1])
     return [tuple(r) for r in out]
-
-
-def hole_extents(fd, offset, length):
-    """ZERO extents of the holes of a (sparse) file in [offset, offset+length) via SEEK_DATA/SEEK_HOLE."""
-    end = offset + length
-    out = []
-    pos = offset
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: only a hole up to the end of the file
-            data = end
-        data = min(data, end)
-        if data > pos:
-            out.append(Extent(pos, data - pos, ZERO))
-        if data >= end:
-            break
-        pos = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-    return out
 
 
 def hex_digest(digest):

@@ -6,7 +6,8 @@
 PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
 There is no diff to go by: the changed extents are unknown, so the copy engine reads the whole
-source and compares each block's digest with the parent point's (``digest_scan``).  The caller
+source and compares each block's digest with the parent point's (``digest_scan``), except the holes
+of a sparse file, which read as zeroes and are not read.  The caller
 provides the point in time (the path is a snapshot); this source takes none and leaves nothing.
 """
 
@@ -17,6 +18,7 @@ import stat
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     InputError, NotFoundError, TransferError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import hole_extents
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source
 
 
@@ -82,6 +84,13 @@ class RawSource(Source):
             raise TransferError("source %s changed size during the backup (%d, now %d bytes): not a snapshot?"
                                 % (self.path, self.size, self.current_size()), path=self.path)
         return out
+
+    def zero_extents(self, offset, length):
+        """The holes of a sparse file (SEEK_DATA/SEEK_HOLE): the digest scan does not read them.  A block
+        device says nothing here (its holes, if any, are the device's business)."""
+        if self.kind != "file":
+            return []
+        return hole_extents(self.fd, offset, min(length, self.size - offset))
 
     def current_size(self):
         return os.lseek(self.fd, 0, os.SEEK_END)

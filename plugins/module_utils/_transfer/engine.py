@@ -33,7 +33,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.dig
     DIGEST_SIZE, ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.writer import LayerWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import TransferError
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, split
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, split, zero_blocks
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero
 
 DEFAULT_CHUNK = 4 << 20
@@ -365,8 +365,10 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
     present) or None for a full layer without backing (then all-zero blocks are
     skipped, the others written).  Runs of changed blocks are written as one
     request per chunk; changed blocks that are all zero become ``target.zero``.
-    Returns ``(Stats, BlockDigests of the blocks written)``: ``digests`` (e.g.
-    ``Pending.new_digests()``) filled run by run, or a new in-memory one.
+    Blocks wholly inside what ``source.zero_extents`` names (the holes of a
+    sparse file) are not read: they are zero.  Returns ``(Stats, BlockDigests of
+    the blocks written)``: ``digests`` (e.g. ``Pending.new_digests()``) filled run
+    by run, or a new in-memory one.  ``Stats.bytes_read`` counts what was read.
     """
     if chunk % block_size:
         raise ValueError("chunk must be a multiple of block_size")
@@ -376,11 +378,17 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
     digests = BlockDigests(block_size) if digests is None else digests
 
     def job(offset, length):
-        data = source.read(offset, length)
-        view = memoryview(data)
+        first = offset // block_size
+        count = -(-length // block_size)
+        olds = base.run(first, first + count) if base is not None else None
+        holes = set(zero_blocks(source.zero_extents(offset, length), range(first, first + count), block_size, size))
+        if len(holes) == count and (olds is None or olds == ZERO_DIGEST * count):
+            return 0, [], [0, 0, 0]  # a hole where the parent reads zeroes too: nothing to read or write
         changed = []
         counters = [0, 0, 0]  # bytes written, zero bytes, requests
         run = [None, None]  # start (in chunk), kind
+        read = [0]
+        piece = [0, None]  # start (in chunk) and view of the data read for the current stretch of non-hole blocks
 
         def close_run(end):
             start, kind = run
@@ -390,17 +398,29 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
                 target.zero(offset + start, end - start)
                 counters[1] += end - start
             else:
-                target.write(offset + start, view[start:end])
+                target.write(offset + start, piece[1][start - piece[0]:end - piece[0]])
                 counters[0] += end - start
             counters[2] += 1
             run[0] = run[1] = None
 
-        first = offset // block_size
-        olds = base.run(first, first + -(-length // block_size)) if base is not None else None
+        def data_of(i, pos, n):
+            if piece[1] is None or pos >= piece[0] + len(piece[1]):
+                close_run(pos)  # a data run never spans two reads
+                stop = i
+                while stop < count and first + stop not in holes:
+                    stop += 1
+                end = min(stop * block_size, length)
+                piece[0], piece[1] = pos, memoryview(source.read(offset + pos, end - pos))
+                read[0] += end - pos
+            return piece[1][pos - piece[0]:pos - piece[0] + n]
+
         for i, pos in enumerate(range(0, length, block_size)):
             n = min(block_size, length - pos)
-            got = digest(data[pos:pos + n])
             index = first + i
+            if index in holes:
+                got = ZERO_DIGEST
+            else:
+                got = digest(data_of(i, pos, n))
             old = ZERO_DIGEST if olds is None else olds[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE]
             if got == old:
                 close_run(pos)
@@ -414,7 +434,7 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
                 close_run(pos)
                 run[0], run[1] = pos, kind
         close_run(length)
-        return length, changed, counters
+        return read[0], changed, counters
 
     def on_result(result):
         length, changed, counters = result

@@ -19,6 +19,7 @@ import pytest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import append as _append
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import block_runs, digest_scan
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as qi
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests as _digests
@@ -28,7 +29,6 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.dig
     ZERO_DIGEST, BlockDigests, block_digest)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, DiffFormatError, InputError, LockedError, NotFoundError, TransferError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import ZERO
 
 pytestmark = pytest.mark.skipif(not _nbd.HAS_NBD or shutil.which("qemu-nbd") is None
                                 or shutil.which("qemu-img") is None,
@@ -308,6 +308,9 @@ def test_scan_source_without_nbd():
         def read(self, offset, length):
             return self.data[offset:offset + length]
 
+        def zero_extents(self, offset, length):
+            return []
+
     class Target:
         def __init__(self):
             self.calls = []
@@ -331,6 +334,83 @@ def test_scan_source_without_nbd():
     assert (stats.bytes_written, stats.zero_bytes, stats.extents) == (3 * BS, BS, 3)
     assert sorted(digests) == [0, 1, 3, 7]
     assert BlockDigests.merged([digests_of(bytes(old)), digests], size=len(new)) == digests_of(bytes(new))
+
+
+class HoleySource:
+    """A sparse source: ``holes`` (block ranges) read as zeroes and are declared by zero_extents, as
+    SEEK_HOLE declares them for a sparse file; every read is recorded, and a read of a hole fails."""
+
+    def __init__(self, data, holes):
+        self.data, self.size, self.reads = data, len(data), []
+        self.holes = [Extent(a * BS, (b - a) * BS, ZERO) for a, b in holes]
+
+    def read(self, offset, length):
+        assert not any(h.offset < offset + length and offset < h.end for h in self.holes), (offset, length)
+        self.reads.append((offset, length))
+        return self.data[offset:offset + length]
+
+    def zero_extents(self, offset, length):
+        return [h for h in self.holes if h.offset < offset + length and offset < h.end]
+
+
+class RecordingTarget:
+    def __init__(self):
+        self.calls = []
+
+    def write(self, offset, data):
+        self.calls.append(("w", offset, bytes(data)))
+
+    def zero(self, offset, length):
+        self.calls.append(("z", offset, length))
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_digest_scan_does_not_read_the_holes_of_a_sparse_source(with_base):
+    old = bytearray(os.urandom(16 * BS))
+    new = bytearray(old)
+    holes = [(2, 5), (8, 16)]  # 8..16 is the whole second chunk
+    for a, b in holes:
+        new[a * BS:b * BS] = bytes((b - a) * BS)
+    new[6 * BS] ^= 1  # a changed data block between the holes
+    source, target = HoleySource(bytes(new), holes), RecordingTarget()
+    base = digests_of(bytes(old)) if with_base else None
+    stats, digests = digest_scan(source, target, base=base, parallel=2, chunk=8 * BS, block_size=BS, digest=unkeyed)
+    assert source.reads == [(0, 2 * BS), (5 * BS, 3 * BS)]  # the data around the holes only
+    assert stats.bytes_read == 5 * BS
+    writes = [(c[1], c[2]) for c in target.calls if c[0] == "w"]
+    zeroes = sorted((c[1], c[2]) for c in target.calls if c[0] == "z")
+    if with_base:  # the holes were data in the parent: they are zeroed; only block 6 changed
+        assert writes == [(6 * BS, bytes(new[6 * BS:7 * BS]))]
+        assert zeroes == [(2 * BS, 3 * BS), (8 * BS, 8 * BS)]
+        assert BlockDigests.merged([digests_of(bytes(old)), digests], size=len(new)) == digests_of(bytes(new))
+    else:  # a full: the holes are simply not written, the data is
+        assert sorted(w[0] for w in writes) == [0, 5 * BS] and zeroes == []
+        assert b"".join(w[1] for w in sorted(writes)) == bytes(new[:2 * BS] + new[5 * BS:8 * BS])
+        assert sorted(digests) == [0, 1, 5, 6, 7]
+
+
+def test_a_real_sparse_file_is_backed_up_without_reading_its_holes(tmp_path):
+    """A real sparse file (holes made by truncate and by fallocate --punch-hole): the full reads only
+    its data, the incremental after a hole is punched where the parent had data zeroes it, and both
+    points read exactly as the file did."""
+    size = 32 * MiB
+    disk = Disk(tmp_path, b"")
+    with open(disk.path, "wb") as f:
+        f.truncate(size)
+        for offset in (0, 9 * MiB, 20 * MiB):
+            f.seek(offset)
+            f.write(os.urandom(2 * MiB))
+    disk.data = bytearray(disk.path.read_bytes())
+    first = disk.backup()
+    assert first["bytes_read"] <= 6 * MiB + 1 * MiB  # the data and what the file system allocated around it
+    disk.check(first)
+    subprocess.run(["fallocate", "--punch-hole", "--offset", str(9 * MiB), "--length", str(2 * MiB), str(disk.path)],
+                   check=True)
+    disk.data = bytearray(disk.path.read_bytes())
+    second = disk.backup()
+    assert second["bytes_read"] <= 4 * MiB + 1 * MiB and second["zero_bytes"] == 2 * MiB
+    assert second["bytes_written"] == 0
+    disk.check(second)
 
 
 # -- the unchanged-block decision and unkeyed digests (issue 10, defect 8) ---------------------
