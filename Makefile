@@ -1,7 +1,8 @@
 # snapchain.vmbackup — every target a newcomer or CI needs.
 #   make test   install (if needed), sanity, lint, unit and integration tests against the lab
 #   make demo   full backup/restore demo on a throwaway local lab
-#   make bench  performance figures on a throwaway lab cluster, then the 2 GiB vs 8 GiB scale figures
+#   make bench  performance figures on a throwaway lab cluster, then the 2 GiB vs 8 GiB scale figures,
+#               then the digest-scan (raw file) figures
 #   (with $CI set, a skipped test fails unit/integration unless tests/allowed_skips.txt justifies it)
 SHELL := /bin/bash
 VENV := .venv
@@ -50,6 +51,7 @@ integration: link
 bench: install link
 	$(PY) tests/bench/bench.py
 	$(PY) tests/bench/scale.py
+	$(PY) tests/bench/bench_digest_scan.py
 
 demo: install link
 	$(PY) tests/demo/demo.py
