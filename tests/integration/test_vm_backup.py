@@ -109,6 +109,64 @@ def test_paused_guest_stays_paused_and_is_not_frozen(lab, two_disk_guest, tmp_pa
         dom.resume()
 
 
+def restore_vm(lab, tmp_path, guest, expect_rc=0, **extra):
+    inventory = tmp_path / "inventory-restore.yml"
+    inventory.write_text("rbd_backup:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
+    variables = dict(restore_vm=guest["name"], restore_repository=str(tmp_path / "repo"),
+                     restore_ceph_conf=lab.ceph_conf, restore_ceph_client=lab.backup_client,
+                     restore_keyring=lab.backup_keyring)
+    variables.update(extra)
+    return playbook(os.path.join(ROOT, "playbooks", "restore.yml"), variables, inventory=str(inventory),
+                    expect_rc=expect_rc)
+
+
+def test_whole_vm_restore_every_disk_from_one_point_and_the_definition(lab, libvirt_conn, two_disk_guest, tmp_path):
+    """restore.yml with restore_vm: both disks from the point of the one freeze into new images, byte-equal to
+    the snapshots, and the saved definition defined under a new name on them.  A missing disk and existing
+    images are refused before anything is written."""
+    guest = two_disk_guest
+    _proc, report = run_role(lab, tmp_path, guest)
+    (vm,) = report
+    new = guest["name"] + "-r"
+    targets = ["%s-%s" % (new, dev) for dev in ("vda", "vdb")]
+
+    def images():
+        return set(lab.rbd("ls", lab.pool).stdout.split())
+
+    # a disk without the point (its chain moved away): refused, nothing written
+    vdb_chain = tmp_path / "repo" / "ceph" / lab.pool / guest["images"][1]
+    vdb_chain.rename(str(vdb_chain) + ".away")
+    proc = restore_vm(lab, tmp_path, guest, expect_rc=2, restore_vm_name=new)
+    assert "disk vdb has no point %s" % vm["points"][0] in proc.stdout, proc.stdout
+    assert not images() & set(targets) and libvirt_conn.listDefinedDomains().count(new) == 0
+    os.rename(str(vdb_chain) + ".away", str(vdb_chain))
+
+    try:
+        proc = restore_vm(lab, tmp_path, guest, restore_vm_name=new)
+        assert "Restored VM %s at point %s as %s" % (guest["name"], vm["points"][0], new) in proc.stdout
+        for image, target in zip(guest["images"], targets):
+            restored, exported = tmp_path / (target + ".raw"), tmp_path / (image + ".export")
+            lab.rbd("export", "%s/%s" % (lab.pool, target), str(restored))
+            lab.rbd("export", "%s/%s@%s" % (lab.pool, image, vm["snapshot"]), str(exported))
+            assert sha256_file(restored) == sha256_file(exported), target
+        dom = libvirt_conn.lookupByName(new)
+        assert not dom.isActive() and dom.isPersistent() and dom.UUIDString() != guest["dom"].UUIDString()
+        xml = dom.XMLDesc(0)
+        assert all("%s/%s" % (lab.pool, t) in xml for t in targets)
+        assert not any("%s/%s'" % (lab.pool, image) in xml or '%s/%s"' % (lab.pool, image) in xml
+                       for image in guest["images"])
+        # again: the images exist now, refused before anything is written
+        proc = restore_vm(lab, tmp_path, guest, expect_rc=2, restore_vm_name=new + "2",
+                          restore_vm_images=dict(vda=targets[0], vdb=targets[1]))
+        assert "exist already" in proc.stdout and libvirt_conn.listDefinedDomains().count(new + "2") == 0
+    finally:
+        dom = libvirt_conn.lookupByName(new) if new in libvirt_conn.listDefinedDomains() else None
+        if dom is not None:
+            dom.undefine()
+        for target in targets:
+            lab.rbd("rm", "%s/%s" % (lab.pool, target), check=False)
+
+
 def test_shut_off_guest_is_backed_up_without_freezing(lab, two_disk_guest, tmp_path):
     """Last in this module: it powers the guest off (the fixture only tears it down afterwards)."""
     dom = two_disk_guest["dom"]
