@@ -82,6 +82,28 @@ options:
     type: str
     choices: [auto, exact, object]
     default: auto
+  bwlimit:
+    description:
+      - Read at most this many MiB per second from the cluster, summed over the O(parallel) readers (as vzdump's
+        C(bwlimit)). V(0) means no limit.
+    type: int
+    default: 0
+  transfer_slots:
+    description:
+      - At most this many backups of group O(transfer_slot_group) read from the pool at once, from whatever host
+        they run on. A slot is an exclusive RADOS lock (a lease renewed while the transfer runs, so a run that
+        dies frees it within 30 s) on the object C(snapchain.transfer-slot.<group>.<i>) of the pool. V(0) means no cap.
+      - Every backup sharing the cap must use the same O(transfer_slots) and O(transfer_slot_group).
+    type: int
+    default: 0
+  transfer_slot_group:
+    description: The name of the cap (letters, digits, C(.), C(_), C(-)).
+    type: str
+    default: backup
+  transfer_slot_wait:
+    description: Seconds to wait for a free slot before failing (nothing is written until a slot is held).
+    type: int
+    default: 3600
 notes:
   - Runs on the host that holds the repository and reaches the cluster; use the restricted cephx user.
 """
@@ -155,6 +177,12 @@ already_backed_up:
       C(changed) is false and RV(point) is that point.
   returned: when it applies
   type: bool
+transfer_slot:
+  description:
+    - With O(transfer_slots), the slot held - C(group), C(slots), C(index), C(waited) (seconds), C(acquired_at) and
+      C(released_at) (epoch seconds), C(renew_error) (null unless renewing the lease failed).
+  returned: when O(transfer_slots) is above 0, not in check mode
+  type: dict
 bytes_read:
   description: Bytes read from the cluster.
   returned: success, not in check mode
@@ -203,6 +231,10 @@ def main():
             prefix=dict(type="str", default="snapchain-"),
             prune_snapshots=dict(type="bool", default=True),
             granularity=dict(type="str", choices=["auto", "exact", "object"], default="auto"),
+            bwlimit=dict(type="int", default=0),
+            transfer_slots=dict(type="int", default=0),
+            transfer_slot_group=dict(type="str", default="backup"),
+            transfer_slot_wait=dict(type="int", default=3600),
             **repository_argument_spec()
         ),
         mutually_exclusive=[("chain", "dest")],

@@ -14,9 +14,11 @@ flock on it; a dead writer's lock is gone).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import os
+import re
 import tempfile
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _chain
@@ -25,6 +27,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rb
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, NotFoundError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir, parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffWriter
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.slots import TransferSlot
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.backup import backup
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.rbd import GRANULARITIES, RbdSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
@@ -45,6 +48,39 @@ def check_common(params):
         _naming.check_prefix(params.get("prefix") or _naming.DEFAULT_PREFIX)
     except ValueError as exc:
         raise InputError(str(exc))
+    if (params.get("bwlimit") or 0) < 0:
+        raise InputError("bwlimit is in MiB/s and must be >= 0 (0: no limit)")
+    if (params.get("transfer_slots") or 0) < 0:
+        raise InputError("transfer_slots must be >= 0 (0: no cap)")
+    group = params.get("transfer_slot_group") or "backup"
+    if not _SLOT_GROUP_RE.match(group):
+        raise InputError("transfer_slot_group %r: 1-64 letters, digits, '.', '_' or '-'" % group)
+
+
+_SLOT_GROUP_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+@contextlib.contextmanager
+def transfer_limits(params, sess, source, what, check_mode=False):
+    """The run's share of the cluster: ``bwlimit`` MiB/s on the source's reads, and one of the
+    ``transfer_slots`` of the pool (``_ceph/slots.py``) held while the body runs.  Yields a dict that
+    says, once the body is done, which slot was held and when (empty without slots or in check mode)."""
+    info = {}
+    if params.get("bwlimit"):
+        source.limit_rate(params["bwlimit"] * (1 << 20))
+    if not params.get("transfer_slots") or check_mode:
+        yield info
+        return
+    with sess.cluster.open_ioctx(sess.pool) as ioctx:
+        slot = TransferSlot(ioctx, params.get("transfer_slot_group") or "backup", params["transfer_slots"],
+                            wait=params["transfer_slot_wait"] if params.get("transfer_slot_wait") is not None
+                            else 3600, what=what)
+        slot.acquire()
+        try:
+            yield info
+        finally:
+            slot.release()
+            info.update(slot.as_dict())
 
 
 def export_diff_file(params, check_mode=False):
@@ -87,32 +123,42 @@ def export_diff_file(params, check_mode=False):
             source.prepare(None)
             parent = dict(snapshot=params["from_snapshot"]) if params.get("from_snapshot") else None
             extents = source.changed_extents(parent)
-            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".partial", dir=dest_dir)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: see clean_dest_partials
             try:
-                with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
-                    writer = DiffWriter(fh)
-                    writer.header(size=source.size, from_snap=params.get("from_snapshot"), to_snap=params["snapshot"])
-                    stats, _digests = copy_extents(source, extents, DiffStreamSink(writer),
-                                                   parallel=params.get("parallel") or 8, chunk=DEFAULT_CHUNK)
-                    writer.end()
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                    os.chmod(tmp, parse_mode(params.get("file_mode") or "0600", "file_mode"))
-                    os.rename(tmp, dest)
-                fsync_dir(dest_dir)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+                with transfer_limits(params, sess, source, _rbd.spec(pool, image, ns)) as slot:
+                    stats = _write_diff_file(params, source, extents, dest, dest_dir)
             finally:
                 source.close()
     result.update(stats.as_dict())
+    if slot:
+        result["transfer_slot"] = slot
     result["size"] = source.size
     result["stream_bytes"] = os.path.getsize(dest)
     return result
+
+
+def _write_diff_file(params, source, extents, dest, dest_dir):
+    """The ``rbd diff v1`` stream of ``extents`` into ``dest``: a flocked ``.partial`` file fsynced and renamed."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(dest) + ".", suffix=".partial", dir=dest_dir)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # ours while we live: see clean_dest_partials
+    try:
+        with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
+            writer = DiffWriter(fh)
+            writer.header(size=source.size, from_snap=params.get("from_snapshot"), to_snap=params["snapshot"])
+            stats, _digests = copy_extents(source, extents, DiffStreamSink(writer),
+                                           parallel=params.get("parallel") or 8, chunk=DEFAULT_CHUNK)
+            writer.end()
+            fh.flush()
+            os.fsync(fh.fileno())
+            os.chmod(tmp, parse_mode(params.get("file_mode") or "0600", "file_mode"))
+            os.rename(tmp, dest)
+        fsync_dir(dest_dir)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return stats
 
 
 def clean_dest_partials(dest):
@@ -159,12 +205,15 @@ def backup_to_chain(params, check_mode=False):
                                from_snapshot=params.get("from_snapshot"), prefix=prefix, granularity=granularity,
                                prune_snapshots=params.get("prune_snapshots", True))
             try:
-                result = backup(repo, source, force_full=params.get("force_full"), writer=params.get("writer") or
-                                "direct", parallel=params.get("parallel") or 8,
-                                cache=params.get("nbd_cache") or "none", check_mode=check_mode,
-                                extra=dict(granularity=granularity))
+                with transfer_limits(params, sess, source, _rbd.spec(pool, image, ns), check_mode) as slot:
+                    result = backup(repo, source, force_full=params.get("force_full"), writer=params.get("writer") or
+                                    "direct", parallel=params.get("parallel") or 8,
+                                    cache=params.get("nbd_cache") or "none", check_mode=check_mode,
+                                    extra=dict(granularity=granularity))
             finally:
                 source.close()
+    if slot:
+        result["transfer_slot"] = slot
     result.setdefault("removed_snapshots", [])
     result.setdefault("kept_snapshots", [])
     point, parent = result["point"], result.get("parent")

@@ -61,7 +61,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import fast_digest
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
-    DEFAULT_CHUNK, align_to_blocks, copy_extents, digest_scan, resize_edge)
+    DEFAULT_CHUNK, RateLimit, align_to_blocks, copy_extents, digest_scan, resize_edge)
 
 
 def generic_base_problem(repo, latest, force_full):
@@ -148,6 +148,10 @@ class Source:
 
     def read(self, offset, length):
         raise NotImplementedError
+
+    def limit_rate(self, bytes_per_second):
+        """Pace every read of this source (all copy paths read through ``read``) to ``bytes_per_second``."""
+        self.read = RateLimit(bytes_per_second).wrap(self.read)
 
     def zero_extents(self, offset, length):
         return []

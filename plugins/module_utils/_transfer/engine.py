@@ -167,6 +167,34 @@ class Stats:
                     mb_per_s=round(self.bytes_read / 1e6 / seconds, 1) if seconds > 0 else None)
 
 
+class RateLimit:
+    """At most ``rate`` bytes per second, summed over every thread that calls ``take``: each call
+    reserves the next ``n / rate`` seconds of a shared clock and sleeps until its share ends, so a
+    transfer with N reader threads runs at ``rate`` in all, not N times it (vzdump's ``bwlimit``),
+    and ``total / rate`` seconds at least."""
+
+    def __init__(self, rate):
+        if rate <= 0:
+            raise ValueError("rate must be > 0")
+        self.rate = float(rate)
+        self._lock = threading.Lock()
+        self._next = time.monotonic()
+
+    def take(self, n):
+        with self._lock:
+            now = time.monotonic()
+            self._next = max(self._next, now) + n / self.rate
+            end = self._next
+        time.sleep(max(0.0, end - now))
+
+    def wrap(self, read):
+        """``read(offset, length)`` paced by this limit."""
+        def limited(offset, length):
+            self.take(length)
+            return read(offset, length)
+        return limited
+
+
 class Window:
     """The one bounded thread pool of every copy: at most ``2 * parallel`` jobs in flight.
 

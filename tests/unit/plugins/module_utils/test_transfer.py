@@ -1,5 +1,6 @@
 import io
 import threading
+import time
 
 import pytest
 
@@ -8,7 +9,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffReader, DiffWriter
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import (
-    IN_FLIGHT_BYTES, DiffStreamSink, align_to_blocks, chunk_for, copy_extents, resize_edge)
+    IN_FLIGHT_BYTES, DiffStreamSink, RateLimit, align_to_blocks, chunk_for, copy_extents, resize_edge)
 
 K = 1024
 B = 64 * K
@@ -159,3 +160,19 @@ def test_many_threads_read_smaller_chunks_and_the_copy_is_the_same():
         assert max(length for _offset, length in src.reads) == chunk_for(parallel, 32 * B, B)
     assert chunk_for(64, 32 * B, B) == 8 * B < 32 * B
     assert chunk_for(4, 4 * K, B) == 4 * K  # never more than asked for
+
+
+def test_rate_limit_is_shared_by_every_thread():
+    """4 threads reading 8 x 64 KiB each through one 2 MiB/s limit: 2 MiB in all, so at least 1 s,
+    not a quarter of it (a lower bound only: a slow machine makes it longer, never shorter)."""
+    limit = RateLimit(2 << 20)
+    read = limit.wrap(lambda offset, length: bytes(length))
+    started = time.monotonic()
+    threads = [threading.Thread(target=lambda: [read(0, 65536) for _i in range(8)]) for _t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert time.monotonic() - started >= 0.99
+    with pytest.raises(ValueError):
+        RateLimit(0)
