@@ -176,11 +176,11 @@ def _check_mount_dir(path, record_doc):
             raise InputError("path %s exists and is not a directory" % path)
         if record_doc is None and os.listdir(path):
             raise ConflictError("path %s is not empty: a point is mounted only on an empty directory" % path,
-                                path=path)
+                                mount_path=path)
         if os.path.ismount(path) and record_doc is None:
-            raise ConflictError("something else is mounted on %s" % path, path=path)
+            raise ConflictError("something else is mounted on %s" % path, mount_path=path)
     elif not os.path.isdir(os.path.dirname(path)):
-        raise NotFoundError("the parent directory of path %s does not exist" % path, path=path)
+        raise NotFoundError("the parent directory of path %s does not exist" % path, mount_path=path)
 
 
 def mount_point(params, check_mode=False):
@@ -206,7 +206,7 @@ def mount_point(params, check_mode=False):
             return _finish(result)
         if previous.get("state") == "mounted" and _alive(record):
             raise ConflictError("%s already has point %s of %s mounted; unmount it first (state: absent)"
-                                % (path, previous.get("point"), previous.get("chain")), path=path,
+                                % (path, previous.get("point"), previous.get("chain")), mount_path=path,
                                 mounted_point=previous.get("point"))
     result["changed"] = True
     if check_mode:
@@ -435,12 +435,12 @@ def _files(record, wanted):
             except FileNotFoundError:
                 raise NotFoundError("%s is not in point %s (no %s)" % ("/".join(parts), record["point"],
                                                                       "/".join(parts[:i + 1])),
-                                    path="/".join(parts))
+                                    inside="/".join(parts))
             if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
                 what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
                 raise InputError("%s in point %s: %s is %s; give the path the link points to instead"
                                  % ("/".join(parts), record["point"], "/".join(parts[:i + 1]), what),
-                                 path="/".join(parts))
+                                 inside="/".join(parts))
         kind = ("directory" if stat.S_ISDIR(st.st_mode) else "link" if stat.S_ISLNK(st.st_mode)
                 else "file" if stat.S_ISREG(st.st_mode) else "other")
         out.append(dict(path="/".join(parts), type=kind, size=st.st_size,
@@ -516,19 +516,29 @@ def unmount_point(params, check_mode=False):
             if exc.errno not in (errno.ENOENT,):
                 errors.append("directory %s: %s" % (directory, exc.strerror))
     if work:
-        for name in (STATE_FILE, EXPORT_FILE, PID_FILE):
+        # The directory is ours alone: its record, export file, pid file and a killed run's temporary record.
+        for name in _entries(record.work):
+            entry = os.path.join(record.work, name)
             try:
-                os.unlink(os.path.join(record.work, name))
+                if stat.S_ISREG(os.lstat(entry).st_mode):
+                    os.unlink(entry)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                errors.append("%s: %s" % (os.path.join(record.work, name), exc.strerror))
+                errors.append("%s: %s" % (entry, exc.strerror))
         step("work directory " + record.work, os.rmdir, record.work)
     result["removed"] = removed
     if errors:
         raise ConflictError("could not remove all of the mount of %s: %s" % (path, "; ".join(errors)),
                             removed=removed, errors=errors)
     return result
+
+
+def _entries(directory):
+    try:
+        return sorted(os.listdir(directory))
+    except OSError:
+        return []
 
 
 def _stop(pid):
