@@ -150,13 +150,15 @@ def chain_with_two_points(tmp_path):
 
 def test_role_fetches_files_of_each_point_byte_identical(tmp_path, chain_with_two_points):
     chain, trees = chain_with_two_points
-    for point, tree in (("20261201T010000Z", trees[0]), ("20261202T010000Z", trees[1])):
+    # the second run gives the paths as an AWX survey's textarea does: one string, one path per line
+    paths = ["etc", "/var/data/blob.bin", "var/data/small.txt"]
+    for point, tree, asked in (("20261201T010000Z", trees[0], paths), ("20261202T010000Z", trees[1],
+                                                                          "\n".join(paths) + "\n")):
         dest = tmp_path / ("restored-" + point)
         started = time.monotonic()
         proc = playbook(os.path.join(module_runner.ROOT, "playbooks", "file_restore.yml"), {
             "file_restore_hosts": "all", "file_restore_chain": str(chain), "file_restore_point": point,
-            "file_restore_paths": ["etc", "/var/data/blob.bin", "var/data/small.txt"],
-            "file_restore_dest": str(dest)})
+            "file_restore_paths": asked, "file_restore_dest": str(dest)})
         print("file_restore of point %s: %.1f s" % (point, time.monotonic() - started))
         assert "changed=" in proc.stdout
         copied = compare_trees(tree / "etc", dest / "etc")
