@@ -74,7 +74,7 @@ options:
     description:
       - Paths inside the mounted file system (relative to O(path)) to check and return in RV(files) with
         the source to copy them from. A path through a symbolic link to a directory (C(etc -> /root)) is
-        refused: the copy must never leave the point. C(..) is refused.
+        refused, so that the copy never leaves the point. C(..) is refused.
     type: list
     elements: str
     default: []

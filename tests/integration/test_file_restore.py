@@ -258,7 +258,7 @@ def test_bad_inputs_fail_before_anything_is_mounted(tmp_path, chain_with_two_poi
         "file_restore_hosts": "all", "file_restore_chain": str(chain), "file_restore_point": "20261130T000000Z",
         "file_restore_paths": ["etc"], "file_restore_dest": str(dest)}, expect_rc=2)
     assert "no point '20261130T000000Z'" in proc.stdout
-    assert "Mount point" not in proc.stdout and not dest.exists() and leftovers(str(dest) + ".point") == []
+    assert "Mount the point" not in proc.stdout and not dest.exists() and leftovers(str(dest) + ".point") == []
 
 
 def test_point_stays_consistent_while_a_backup_appends(tmp_path):
