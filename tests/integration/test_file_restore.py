@@ -152,8 +152,8 @@ def test_role_fetches_files_of_each_point_byte_identical(tmp_path, chain_with_tw
     chain, trees = chain_with_two_points
     # the second run gives the paths as an AWX survey's textarea does: one string, one path per line
     paths = ["etc", "/var/data/blob.bin", "var/data/small.txt"]
-    for point, tree, asked in (("20261201T010000Z", trees[0], paths), ("20261202T010000Z", trees[1],
-                                                                          "\n".join(paths) + "\n")):
+    runs = (("20261201T010000Z", trees[0], paths), ("20261202T010000Z", trees[1], "\n".join(paths) + "\n"))
+    for point, tree, asked in runs:
         dest = tmp_path / ("restored-" + point)
         started = time.monotonic()
         proc = playbook(os.path.join(module_runner.ROOT, "playbooks", "file_restore.yml"), {

@@ -53,8 +53,8 @@ def fuse_export_argv(layer, mountpoint, pidfile, fmt="qcow2"):
         "file_node format_node export daemonize pidfile",
         file_node="driver=file,node-name=%s,filename=%s,read-only=on" % (FILE_NODE, escape(layer)),
         format_node="driver=%s,node-name=%s,file=%s,read-only=on" % (fmt, FORMAT_NODE, FILE_NODE),
-        export="type=fuse,id=%s,node-name=%s,mountpoint=%s,writable=off" % (EXPORT_ID, FORMAT_NODE,
-                                                                              escape(mountpoint)),
+        export="type=fuse,id=%s,node-name=%s,mountpoint=%s,writable=off" % (
+            EXPORT_ID, FORMAT_NODE, escape(mountpoint)),
         daemonize=True, pidfile=pidfile)
 
 

@@ -322,7 +322,7 @@ def _choose(found, partition, has_table, loop, size):
     path = None  # the mount directory itself; "pN" is a directory under it
     mountable = [e for e in found if e.get("fstype") in MOUNT_OPTIONS]
     listing = "; ".join("%s: %s" % ("partition %d" % e["number"] if e["number"] else "whole disk",
-                                   e.get("fstype") or "no file system found") for e in found) or "nothing"
+                                    e.get("fstype") or "no file system found") for e in found) or "nothing"
     if partition == "disk":
         whole = found[0] if not has_table else dict(number=None, device=loop, start=0, size=size,
                                                     **_whole_probe(loop))
@@ -433,8 +433,8 @@ def _files(record, wanted):
             try:
                 st = os.lstat(current)
             except FileNotFoundError:
-                raise NotFoundError("%s is not in point %s (no %s)" % ("/".join(parts), record["point"],
-                                                                      "/".join(parts[:i + 1])),
+                raise NotFoundError("%s is not in point %s (no %s)"
+                                    % ("/".join(parts), record["point"], "/".join(parts[:i + 1])),
                                     inside="/".join(parts))
             if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
                 what = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a directory"
