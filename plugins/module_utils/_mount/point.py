@@ -55,7 +55,7 @@ PID_FILE = "qemu-storage-daemon.pid"
 FORMAT = 1
 READ_LOCK_WAIT = 60
 STOP_WAIT = 10.0  # seconds the daemon gets after SIGTERM before SIGKILL
-PARTITION_WAIT = 2.0  # seconds to wait for the kernel's loopNpM after losetup -P
+PARTITION_WAIT = 0.3  # seconds to wait for loopNpM after losetup -P or partx -a (the scan is synchronous; devtmpfs makes the node)
 
 _SAFE = "nosuid,nodev,noexec"
 # File systems mounted, with the options that keep them from being written (journal replay included).
