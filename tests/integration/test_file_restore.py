@@ -248,6 +248,15 @@ def test_bad_inputs_fail_before_anything_is_mounted(tmp_path, chain_with_two_poi
         failed = module_runner.run("point_mount", args, expect_failed=True)
         assert text in failed["msg"], (extra, failed["msg"])
         assert leftovers(mnt) == [] and not os.path.exists(mnt)
+    # absent on a directory where something else is mounted leaves it alone: it is not ours
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(other)], check=True)
+    try:
+        assert not module_runner.run("point_mount", {"path": str(other), "state": "absent"})["changed"]
+        assert os.path.ismount(other)
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
     mnt.mkdir()
     (mnt / "something").write_text("x")
     failed = module_runner.run("point_mount", {"chain": str(chain), "path": str(mnt)}, expect_failed=True)

@@ -475,8 +475,13 @@ def unmount_point(params, check_mode=False):
         if back == record.export:
             loops.add(dev["name"])
     sources = set(loops) | set(m.get("device") for m in recorded.get("mounts") or [])
-    ours = [m for m in table if m["target"] == path or m["target"].startswith(path + os.sep)
-            or any(m.get("source") == s or (m.get("source") or "").startswith(s + "p") for s in sources if s)]
+
+    def from_our_devices(m):
+        return any(m.get("source") == s or (m.get("source") or "").startswith(s + "p") for s in sources if s)
+
+    # Without our work directory, nothing at path is ours: only what reads our export (never another mount).
+    under_path = [m for m in table if record.exists() and (m["target"] == path or m["target"].startswith(path + os.sep))]
+    ours = under_path + [m for m in table if m not in under_path and from_our_devices(m)]
     ours = [m for m in ours if m["target"] != record.export]
     pid = _daemon_pid(record)
     export_mounted = any(m["target"] == record.export for m in table)
