@@ -34,7 +34,7 @@ def main():
         chain = os.path.join(tmp, "repo", "disk")
         module_runner.run("qcow2_chain_append", {"chain": chain, "source": disk, "point_name": "20261201T000000Z"})
         mounted, absent = [], []
-        for _ in range(5):
+        for _run in range(5):
             started = time.monotonic()
             result = module_runner.run("point_mount", {"chain": chain, "path": os.path.join(tmp, "mnt")})
             mounted.append(time.monotonic() - started)
