@@ -304,6 +304,13 @@ class Repository:
                 pass
             os.close(fd)  # releases the flock
 
+    def hold_read_lock(self, wait=0):
+        """The shared read lock as an open descriptor the caller owns (and may hand to a child
+        process, which then holds the lock until it exits): for a reader that outlives this run,
+        such as a point mounted by point_mount.  Close it to release the lock."""
+        self.ensure_dir()
+        return self._flock(READ_LOCK_FILE, fcntl.LOCK_SH, wait, "reads")
+
     def _flock(self, filename, operation, wait, what):
         """The fd of ``filename`` in the disk directory with ``operation`` (LOCK_SH/LOCK_EX) flock()ed."""
         path = self.path(filename)
