@@ -41,6 +41,7 @@ import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, NotFoundError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming import parse_managed
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import merge as _merge
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import retention
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     DIGESTS_SUFFIX, LAYER_SUFFIX, MANIFEST, Repository, check_point_name)
@@ -94,7 +95,7 @@ def plan(repo, policy, timezone=retention.DEFAULT_TIMEZONE, protected=()):
     """
     points = repo.points()
     if not points:
-        return []
+        return [], []
     decisions = dict((d["name"], d) for d in retention.select(
         [dict(name=p["name"], time=parse_managed(p["name"], prefix=""), protected=is_protected(p, protected),
               unsound=repo.unsound_reason(p["name"])) for p in points], policy, timezone))
@@ -103,36 +104,40 @@ def plan(repo, policy, timezone=retention.DEFAULT_TIMEZONE, protected=()):
         decisions[newest] = dict(decisions[newest], action=retention.KEEP, rule="newest", period=None,
                                  reason="the newest point is never removed (the next backup's base); the policy "
                                         "alone would remove it: %s" % decisions[newest]["reason"])
-    # Who reads through each point: the kept points among its descendants.
-    kept_readers = dict((p["name"], []) for p in points)
-    for point in reversed(points):  # children before their parents
-        name = point["name"]
-        if point["parent"] is not None:
-            readers = kept_readers[point["parent"]]
-            if decisions[name]["action"] == retention.KEEP:
-                readers.append(name)
-            readers.extend(kept_readers[name])
+    removed = set(n for n, d in decisions.items() if d["action"] != retention.KEEP)
+    # A removed point kept points read through is merged out (``_engine/merge.py``) unless it cannot be
+    # (a resize in between): then it stays, and so may its ancestors' merges change: to a fixpoint.
+    stays = {}
+    while True:
+        merges, problems = _merge.plan_merges(repo, removed - set(stays))
+        if not problems:
+            break
+        stays.update(problems)
+    into = {}
+    for merge in merges:
+        for name in merge["removed"]:
+            into.setdefault(name, []).append(merge["child"])
     rows = []
     for point in points:
         name = point["name"]
         decision = decisions[name]
         row = dict(name=name, segment=point["segment"], parent=point["parent"], rule=decision["rule"],
                    period=decision["period"], reason=decision["reason"], files=point_files(point),
-                   bytes=sum(_allocated(repo.path(f)) for f in point_files(point)))
+                   bytes=sum(_allocated(repo.path(f)) for f in point_files(point)), merged_into=None)
         if decision["action"] == retention.KEEP:
             row["action"] = KEEP
-        elif kept_readers[name]:
-            readers = sorted(kept_readers[name])
-            row.update(action=NEEDS_MERGE, reason=(
-                "%s; kept this run: kept point%s %s read%s through it, and merging a point out of a chain is not "
-                "implemented yet" % (decision["reason"], "s" if len(readers) > 1 else "",
-                                     ", ".join(readers[:3]) + (" and %d more" % (len(readers) - 3)
-                                                               if len(readers) > 3 else ""),
-                                     "" if len(readers) > 1 else "s")))
+        elif name in stays:
+            row.update(action=NEEDS_MERGE, reason="%s; kept this run: %s" % (decision["reason"], stays[name]))
         else:
             row["action"] = REMOVE
+            if name in into:
+                readers = sorted(into[name])
+                row.update(merged_into=readers[0] if len(readers) == 1 else readers, reason=(
+                    "%s; its data that kept point%s %s read%s is merged into %s" % (
+                        decision["reason"], "s" if len(readers) > 1 else "", ", ".join(readers),
+                        "" if len(readers) > 1 else "s", "them" if len(readers) > 1 else "it")))
         rows.append(row)
-    return rows
+    return rows, merges
 
 
 def _names(rows, action):
@@ -146,7 +151,10 @@ def _diff(repo, rows):
         if row["period"] and row["rule"] not in (None, "keep_last"):
             why = "%s %s" % (row["rule"], row["period"])
         if row["action"] == NEEDS_MERGE:
-            why = "needs a merge, kept this run"
+            why = "cannot be merged out, kept this run"
+        elif row.get("merged_into"):
+            into = row["merged_into"]
+            why = "%s; merged into %s" % (why, into if isinstance(into, str) else ", ".join(into))
         return "%s  segment %d  %d bytes  %s (%s)\n" % (row["name"], row["segment"], row["bytes"], row["action"], why)
 
     return dict(before_header="%s (before)" % os.path.join(repo.disk_dir, MANIFEST),
@@ -156,17 +164,32 @@ def _diff(repo, rows):
 
 
 def finish_killed_prune(repo):
-    """Remove the files a killed prune journalled for points no manifest point refers to; clear the journal."""
+    """Complete what a killed prune journalled; returns the files it removed.
+
+    Manifest not replaced yet (a journalled point still in it): nothing a point reads changed (a
+    merged child's digests, if already replaced, are right under the old manifest too), so the
+    journal is dropped and this run decides afresh.  Manifest replaced: every journalled merge's
+    data step is finished (``merge.merge_data``, idempotent), then the files of the journalled
+    points that no manifest point refers to are removed."""
     record = repo.intent(JOURNAL_KIND)
     if record is None:
         return []
-    referenced = set()
-    for point in repo.points():
-        referenced.update(point_files(point))
+    names = set(repo.names())
+    journalled = [check_point_name(n) for n in record.get("points") or []]
     removed = []
-    for name in record.get("points") or []:
-        check_point_name(name)
-        for entry in (name + LAYER_SUFFIX, name + DIGESTS_SUFFIX):
+    if not names & set(journalled):
+        for merge in record.get("merges") or []:
+            if merge.get("child") in names:
+                _merge.merge_data(repo, merge)
+        referenced = set()
+        for point in repo.points():
+            referenced.update(point_files(point))
+        for name in journalled:
+            for entry in (name + LAYER_SUFFIX, name + DIGESTS_SUFFIX):
+                if entry not in referenced and os.path.lexists(repo.path(entry)):
+                    repo.remove_file(entry)
+                    removed.append(entry)
+        for entry in record.get("files") or []:
             if entry not in referenced and os.path.lexists(repo.path(entry)):
                 repo.remove_file(entry)
                 removed.append(entry)
@@ -182,20 +205,22 @@ def prune(params, check_mode=False, diff=False):
     if not os.path.isdir(repo.disk_dir):
         raise NotFoundError("no repository directory %s" % repo.disk_dir, path=repo.disk_dir)
     result = dict(changed=False, chain=repo.disk_dir, policy=opts["policy"], timezone=opts["timezone"],
-                  keep_all=not retention.keeps_something(opts["policy"]), cleaned=[], warnings=[])
+                  keep_all=not retention.keeps_something(opts["policy"]), cleaned=[], warnings=[], merges=[])
     if check_mode:
         repo.load(verify=False)
-        rows = plan(repo, opts["policy"], opts["timezone"], opts["protected"])
+        rows, merges = plan(repo, opts["policy"], opts["timezone"], opts["protected"])
         journal = repo.intent(JOURNAL_KIND)
         result["changed"] = bool(_names(rows, REMOVE)) or journal is not None
+        result["merges"] = [_merge_result(m) for m in merges]
     else:
         with repo.lock(wait=opts["lock_wait"], exclude_readers=True):
             repo.load(verify=True)
             result["cleaned"] = repo.cleanup_partial() + finish_killed_prune(repo)
-            rows = plan(repo, opts["policy"], opts["timezone"], opts["protected"])
+            repo.load(verify=True)
+            rows, merges = plan(repo, opts["policy"], opts["timezone"], opts["protected"])
             gone = _names(rows, REMOVE)
             if gone:
-                remove_points(repo, [r for r in rows if r["action"] == REMOVE])
+                result["merges"] = remove_points(repo, [r for r in rows if r["action"] == REMOVE], merges)
             result["changed"] = bool(gone or result["cleaned"])
     unknown = sorted(opts["protected"] - set(r["name"] for r in rows))
     if unknown:
@@ -209,12 +234,43 @@ def prune(params, check_mode=False, diff=False):
     return result
 
 
-def remove_points(repo, rows):
-    """Journal, manifest, files, journal cleared (see the module docstring); under the lock."""
+def _merge_result(merge, seconds=None):
+    out = dict(child=merge["child"], removed=list(merge["removed"]), parent=merge["parent"],
+               method=merge["method"], cost_bytes=merge["cost"])
+    if seconds is not None:
+        out["seconds"] = seconds
+    return out
+
+
+def remove_points(repo, rows, merges=()):
+    """Journal, merged digests, manifest, merged data, files, journal cleared (see the module
+    docstring and ``_engine/merge.py``); under the lock.  Returns one entry per merge done."""
     names = set(r["name"] for r in rows)
-    repo.record_intent(JOURNAL_KIND, dict(points=sorted(names), pid=os.getpid()))
-    repo.save([p for p in repo.points() if p["name"] not in names])
-    for row in rows:
-        for entry in row["files"]:
-            repo.remove_file(entry)
+    files = [entry for row in rows for entry in row["files"]]
+    merges = [dict((k, m[k]) for k in ("child", "removed", "parent", "method", "cost")) for m in merges]
+    digests_kept = {}
+    for merge in merges:
+        # a child whose merged digests cannot be had (a layer without any) loses its digests file
+        digests_kept[merge["child"]] = all(repo.get(n).get("digests") for n in merge["removed"] + [merge["child"]])
+        if not digests_kept[merge["child"]] and repo.get(merge["child"]).get("digests"):
+            files.append(merge["child"] + DIGESTS_SUFFIX)
+    repo.record_intent(JOURNAL_KIND, dict(points=sorted(names), merges=merges, files=sorted(set(files)),
+                                          pid=os.getpid()))
+    _merge.step("journal")
+    for merge in merges:
+        if digests_kept[merge["child"]]:
+            _merge.write_digests(repo, merge)
+            _merge.step("digests")
+    repo.save(_merge.new_points(repo.points(), names, merges, digests_kept))
+    _merge.step("manifest")
+    done = []
+    for merge in merges:
+        how, seconds = _merge.timed(_merge.merge_data, repo, merge)
+        done.append(_merge_result(merge, seconds))
+        _merge.step("merged")
+    for entry in sorted(set(files)):
+        repo.remove_file(entry)
+        _merge.step("remove")
     repo.clear_intent(JOURNAL_KIND)
+    _merge.step("cleared")
+    return done

@@ -577,7 +577,10 @@ def _check_layer(repo, report, point, by_name):
         report.problem(name, layer, "point %s: the manifest says %d bytes but %s is %d bytes"
                        % (name, point["size"], point["layer"], size))
     expected = parent["layer"] if parent else None
-    if backing != expected:
+    if backing != expected and repo.merging_backing(name, backing):
+        report.warnings.append("point %s: %s still reads through %s, which an interrupted prune is merging into it "
+                               "(it reads the same; the next prune finishes the merge)" % (name, point["layer"], backing))
+    elif backing != expected:
         report.problem(name, layer, "point %s: the manifest says parent %s (backing file %r) but %s has backing "
                        "file %r" % (name, point["parent"], expected, point["layer"], backing))
     elif backing is not None and ("/" in backing or os.path.isabs(backing)):
@@ -641,7 +644,13 @@ def _check_backing_chain(repo, report, leaf, by_name, missing):
         report.problem(name, layer, "point %s: its backing chain cannot be opened: %s" % (name, exc.msg))
         return
     files = [os.path.basename(i.get("filename", "")) for i in infos]
-    wanted = [p["layer"] for p in chain]
+    merging = repo.merging_layers()
+    wanted = []
+    for point in chain:
+        wanted.append(point["layer"])
+        extra = merging.get(point["name"])
+        if extra and files[len(wanted):len(wanted) + len(extra)] == extra:
+            wanted.extend(extra)  # an interrupted prune's merge: see Repository.merging_backing
     if files != wanted:
         report.problem(name, layer, "point %s: qemu-img reads the chain %s, the manifest says %s"
                        % (name, " <- ".join(files), " <- ".join(wanted)))
