@@ -644,13 +644,15 @@ def _check_backing_chain(repo, report, leaf, by_name, missing):
         report.problem(name, layer, "point %s: its backing chain cannot be opened: %s" % (name, exc.msg))
         return
     files = [os.path.basename(i.get("filename", "")) for i in infos]
-    merging = repo.merging_layers()
-    wanted = []
-    for point in chain:
-        wanted.append(point["layer"])
-        extra = merging.get(point["name"])
-        if extra and files[len(wanted):len(wanted) + len(extra)] == extra:
-            wanted.extend(extra)  # an interrupted prune's merge: see Repository.merging_backing
+    wanted = [p["layer"] for p in chain]
+    merging = repo.merging_layers() if files != wanted else {}
+    if merging:
+        wanted = []
+        for point in chain:
+            wanted.append(point["layer"])
+            extra = merging.get(point["name"])
+            if extra and files[len(wanted):len(wanted) + len(extra)] == extra:
+                wanted.extend(extra)  # an interrupted prune's merge: see Repository.merging_backing
     if files != wanted:
         report.problem(name, layer, "point %s: qemu-img reads the chain %s, the manifest says %s"
                        % (name, " <- ".join(files), " <- ".join(wanted)))

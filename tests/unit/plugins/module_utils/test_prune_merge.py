@@ -107,7 +107,7 @@ def assert_sound(disk, kept, before=None):
         if before:
             assert before[name] == disk.content[name]
     result = disk.verify()
-    assert result["clean"], (result.get("problems"), result.get("mismatches"), result.get("errors"))
+    assert result["clean"], (result["structure_problems"], result["mismatches"], result["errors"])
     assert sorted(result["points"][n]["name"] for n in range(len(result["points"]))) == kept \
         if isinstance(result["points"], list) else True
     return result
@@ -201,7 +201,7 @@ def test_a_prune_killed_at_any_step_leaves_kept_points_identical_and_the_next_fi
         if name in kept:  # every kept point still reads exactly as at its backup
             assert disk.point_sha(name) == disk.content[name], (step, name)
     result = disk.verify()
-    assert result["clean"], (result.get("problems"), result.get("mismatches"))
+    assert result["clean"], (result["structure_problems"], result["mismatches"], result["errors"])
     finished = disk.prune(**policy)
     assert finished["kept"] == kept
     assert_sound(disk, kept)
