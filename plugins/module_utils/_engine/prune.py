@@ -154,7 +154,8 @@ def _diff(repo, rows):
             why = "cannot be merged out, kept this run"
         elif row.get("merged_into"):
             into = row["merged_into"]
-            why = "%s; merged into %s" % (why, into if isinstance(into, str) else ", ".join(into))
+            why = "%s; merged into %s" % (row["rule"] or row["reason"].split("; ")[0],
+                                          into if isinstance(into, str) else ", ".join(into))
         return "%s  segment %d  %d bytes  %s (%s)\n" % (row["name"], row["segment"], row["bytes"], row["action"], why)
 
     return dict(before_header="%s (before)" % os.path.join(repo.disk_dir, MANIFEST),
