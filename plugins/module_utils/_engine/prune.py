@@ -5,33 +5,32 @@
 
 PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
-policy (``_repository/retention.py``) ─▶ what may go without changing a kept point ─▶ journal ─▶
-manifest ─▶ files
+policy (``_repository/retention.py``) ─▶ what goes, what merges (``_engine/merge.py``) ─▶ journal ─▶
+merged digests ─▶ manifest ─▶ merged data ─▶ files
 
-The policy decides keep or remove for every point.  A point the policy removes is physically
-removed only when no point that stays reads through it: every point that reads through it (its
-descendants in the chain) goes too.  That is a whole older segment none of whose points is kept,
-or the trailing points of a segment none of which is kept.  Nothing is rewritten, so no kept
-point's bytes can change.  A removed point that a kept point reads through stays this run and is
-reported ``needs_merge``: merging a point out of a chain is not implemented yet.  The newest point
-is never removed (the next backup's base).
+The policy decides keep or remove for every point (the newest point is never removed: the next
+backup's base).  A removed point that no kept point reads through simply goes (a whole older
+segment, the trailing points of a segment).  One that kept points read through is merged out
+(``_engine/merge.py``): its data moves into the kept point above it, which then reads exactly the
+same bytes; only a merge across a resize is refused, the point stays and is reported
+``needs_merge``.
 
 Removal, under the exclusive repository lock with readers excluded (``Repository.lock(
-exclude_readers=True)``: no chain_verify reads meanwhile; a backup waits for the lock):
+exclude_readers=True)``: no chain_verify or restore reads meanwhile; a backup waits for the lock):
 
-1. the journal ``.intent-prune.json`` records the points and files about to go (durably);
-2. the manifest is replaced without those points (atomically): from then on nothing refers to them;
-3. their layer and digests files are unlinked, the directory fsynced;
-4. the journal is cleared.
+1. the journal ``.intent-prune.json`` records the points and files about to go and the merges (durably);
+2. each merged child's digests file is replaced by the merged digests;
+3. the manifest is replaced without the removed points, merged children above their new parents;
+4. each merge's data step (rebase, or commit then rename);
+5. the removed points' files are unlinked, the directory fsynced;
+6. the journal is cleared.
 
-A run killed anywhere leaves either the old manifest (nothing lost, the next prune decides again)
-or the new one and some of the files; the next prune finds the journal and removes the files of
-the points it names that no manifest point refers to.  Other unreferenced files are reported,
-never removed (they are not ours to judge: see ``_engine/backup.py``).
-
-A restore takes no repository lock: one of a kept point reads nothing that goes; one of a removed
-point that started before the manifest changed either has its files open (Linux keeps unlinked
-files readable) or fails on a missing layer.
+A run killed before 3 leaves the old manifest (every point reads as before; the next prune drops
+the journal and decides again); after it, the next prune finishes the journalled merges and
+removes the files of the journalled points no manifest point refers to.  Between 3 and the end of
+4 a merged child's layer may still name a removed layer as backing file: ``Repository`` and
+chain_verify accept exactly that while the journal names the merge (``merging_backing``).  Other
+unreferenced files are reported, never removed (not ours to judge: see ``_engine/backup.py``).
 """
 
 from __future__ import annotations
@@ -91,7 +90,7 @@ def plan(repo, policy, timezone=retention.DEFAULT_TIMEZONE, protected=()):
 
     Row: ``name``, ``segment``, ``action`` (keep / remove / needs_merge), ``rule`` and ``period``
     (what keeps it, see ``retention.select``), ``reason``, ``files``, ``bytes`` (what its files
-    occupy on disk: what removing it frees).
+    occupy on disk: what removing it frees), ``merged_into``.  Returns ``(rows, merges)``.
     """
     points = repo.points()
     if not points:

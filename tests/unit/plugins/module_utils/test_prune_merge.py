@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -233,3 +234,35 @@ def test_restore_and_backup_during_a_merge_fail_clearly_then_proceed(disk, monke
     with open(target, "rb") as fh:
         assert hashlib.sha256(fh.read()).hexdigest() == disk.content[P6]
     assert_sound(disk, kept)
+
+
+def _diff(path, size, writes, from_snap, to_snap):
+    """An rbd diff v1 file (``writes``: (offset, data)) replayed by ``qcow2_chain_append diff=``."""
+    out = [b"rbd diff v1\n"]
+    for tag, name in ((b"f", from_snap), (b"t", to_snap)):
+        if name is not None:
+            out += [tag, struct.pack("<I", len(name)), name.encode()]
+    out += [b"s", struct.pack("<Q", size)]
+    for offset, data in writes:
+        out += [b"w", struct.pack("<QQ", offset, len(data)), data]
+    path.write_bytes(b"".join(out + [b"e"]))
+    return str(path)
+
+
+def test_a_merge_across_a_resize_is_refused_and_the_point_stays(tmp_path):
+    """A diff chain grows the disk inside a segment: merging across it is refused (needs_merge)."""
+    chain = str(tmp_path / "repo" / "disk0")
+    sizes = [SIZE, SIZE, SIZE + BS]
+    snaps = [None, "s1", "s2", "s3"]
+    for i, name in enumerate(NAMES[:3]):
+        _append.append_point(dict(chain=chain, point_name=name, parallel=2, diff=_diff(
+            tmp_path / ("%d.diff" % i), sizes[i], [(i * BS, os.urandom(BS))], snaps[i], snaps[i + 1])))
+    disk = Disk(tmp_path)
+    disk.chain = chain
+    before = dict((n, disk.point_sha(n)) for n in NAMES[:3])
+    result = disk.prune(keep_last=1, protected=[P1])
+    assert result["needs_merge"] == [P2] and result["merges"] == [] and result["removed"] == []
+    row = [r for r in result["points"] if r["name"] == P2][0]
+    assert "resized between %s and %s" % (P1, P3) in row["reason"]
+    assert dict((n, disk.point_sha(n)) for n in NAMES[:3]) == before
+    assert Repository(chain).load(verify=True).names() == NAMES[:3]
