@@ -137,8 +137,8 @@ points:
       type: int
     action:
       description:
-        - V(keep), V(remove), or V(needs_merge) (the policy removes it, kept points read through it, and it cannot
-          be merged out: a resize between them).
+        - "V(keep), V(remove), or V(needs_merge) (the policy removes it, kept points read through it, and it cannot
+          be merged out because of a resize between them)."
         - A removed point that kept points read through is merged into them (RV(points[].merged_into)).
       type: str
     rule:

@@ -166,11 +166,11 @@ def measure(work, size, layers, repeat):
             shutil.rmtree(os.path.dirname(copy))
         prune_s, convert_s = statistics.median(prunes), statistics.median(converts)
         rows.append((label, merges[0]["method"], merges[0]["cost_bytes"], prune_s, convert_s, prunes, converts))
-    lines.append("%-28s %-7s %10s %10s %12s %7s  %s" % ("remove", "method", "cost MiB", "prune s", "convert s",
-                                                       "ratio", "target >= 10x"))
+    header = ("remove", "method", "cost MiB", "prune s", "convert s", "ratio", "target >= 10x")
+    lines.append("%-36s %-7s %10s %10s %12s %7s  %s" % header)
     for label, method, cost, prune_s, convert_s, prunes, converts in rows:
         ratio = convert_s / prune_s if prune_s else float("inf")
-        lines.append("%-28s %-7s %10.1f %10.3f %12.3f %6.1fx  %s   (prune %s; convert %s)" % (
+        lines.append("%-36s %-7s %10.1f %10.3f %12.3f %6.1fx  %s   (prune %s; convert %s)" % (
             "%s point (%s)" % (label, "merged into the next"), method, cost / MIB, prune_s, convert_s, ratio,
             "met" if ratio >= 10 else "MISSED", " ".join("%.3f" % s for s in prunes),
             " ".join("%.3f" % s for s in converts)))
