@@ -90,6 +90,17 @@ options:
     type: list
     elements: str
     default: []
+  max_depth:
+    description:
+      - When the newest point (after this run's removals and merges) reads through more than this many layers, it
+        is consolidated - a standalone layer is built from the chain (C(qemu-img convert) of the point, no read
+        from the source), and replaces the point's layer atomically as the base of a new segment (same name, same
+        bytes, its block digests for every block). The next backups chain onto it; older points stay as they are.
+      - 0 (the default) sets no limit; otherwise 2 to 1000 (30 is a good value).
+      - Journalled like merges - a run killed on the way leaves the point reading the same, and the next prune
+        completes it.
+    type: int
+    default: 0
   lock_wait:
     description: Seconds to wait for the repository locks held by a backup or a verify (0 to 86400).
     type: int
@@ -208,6 +219,28 @@ merges:
       description: How long the data step took (not in check mode).
       type: float
       returned: when not in check mode
+consolidated:
+  description: The newest point made a new segment's base because of O(max_depth) (in check mode, that would
+    be), or null.
+  returned: success
+  type: dict
+  contains:
+    point:
+      description: The point.
+      type: str
+    depth:
+      description: How many layers it read through before.
+      type: int
+    max_depth:
+      description: The limit.
+      type: int
+    seconds:
+      description: How long building and publishing the new base took (not in check mode).
+      type: float
+max_depth:
+  description: The O(max_depth) applied (0 - no limit).
+  returned: success
+  type: int
 bytes_freed:
   description: Bytes freed by the removed points (in check mode, that would be freed).
   returned: success
@@ -259,6 +292,7 @@ def main():
             timezone=dict(type="str", default="UTC"),
             protected=dict(type="list", elements="str", default=[]),
             lock_wait=dict(type="int", default=0),
+            max_depth=dict(type="int", default=0),
         ),
         supports_check_mode=True,
     )

@@ -61,7 +61,9 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.rep
 
 REBASE, COMMIT = "rebase", "commit"
 KILL_ENV = "SNAPCHAIN_TEST_KILL_AT"
-KILL_STEPS = ("journal", "digests", "manifest", "rebase", "commit", "rename", "merged", "remove", "cleared")
+KILL_STEPS = ("journal", "digests", "manifest", "rebase", "commit", "rename", "merged", "remove", "cleared",
+              "consolidate-journal", "consolidate-digests", "consolidate-layer", "consolidate-manifest",
+              "consolidate-cleared")
 _reached = {}
 
 
@@ -226,3 +228,67 @@ def timed(fn, *args):
     started = time.monotonic()
     value = fn(*args)
     return value, round(time.monotonic() - started, 3)
+
+
+# --------------------------------------------------------------------------------------------
+# max_depth: consolidating the newest point into a new segment's base
+
+
+def consolidate(repo, name, record_intent):
+    """Make point ``name`` (the newest) a standalone base of a new segment, reading the same bytes.
+
+    Built from the chain alone (``qemu-img convert`` of the point: no read from the source), under a
+    temporary name, checked and fsynced; its digests are the point's effective digests (every block).
+    Then, journalled (``record_intent`` records ``consolidate``): the digests file replaced (right
+    whether the point reads through its old parent or not: it names every block), the layer renamed
+    over the point's, the manifest replaced (parent null, segment = the newest + 1).  Between the
+    rename and the manifest the point's layer has no backing file while the manifest still names a
+    parent: ``Repository.merging_backing`` accepts exactly that while the journal names it, and
+    ``finish_consolidate`` completes it.  Returns the seconds the data took.
+    """
+    point = repo.get(name)
+    layer = repo.layer_path(name)
+    temp = repo.path("." + name + LAYER_SUFFIX + "-base" + PARTIAL_SUFFIX)
+    digests_temp = repo.path("." + name + DIGESTS_SUFFIX + "-base" + PARTIAL_SUFFIX)
+    started = time.monotonic()
+    effective = repo.effective_digests(name) if point.get("digests") else None
+    try:
+        _qemu_img.convert(layer, temp, src_fmt="qcow2", dst_fmt="qcow2")
+        os.chmod(temp, repo.file_mode)
+        _qemu_img.check(temp)
+        fsync_file(temp)
+        if effective is not None:
+            effective.save(digests_temp, repo.file_mode)
+    finally:
+        if effective is not None:
+            effective.close()
+    record_intent(dict(points=[], merges=[], files=[], consolidate=name, pid=os.getpid()))
+    step("consolidate-journal")
+    if effective is not None:
+        os.rename(digests_temp, repo.digests_path(name))
+        fsync_dir(repo.disk_dir)
+        step("consolidate-digests")
+    os.rename(temp, layer)
+    fsync_dir(repo.disk_dir)
+    step("consolidate-layer")
+    finish_consolidate(repo, name)
+    step("consolidate-manifest")
+    return round(time.monotonic() - started, 3)
+
+
+def finish_consolidate(repo, name):
+    """The manifest step of ``consolidate`` once the point's layer is standalone (idempotent); False
+    when the layer was not renamed yet (then nothing the manifest names changed: the run is dropped)."""
+    if name not in repo.names() or read_qcow2_header(repo.layer_path(name))[1] is not None:
+        return False
+    points = repo.points()
+    if points[-1]["name"] != name:
+        raise RepositoryError("cannot finish consolidating %s: it is no longer the newest point" % name)
+    point = points[-1]
+    if point["parent"] is not None:
+        extra = point.setdefault("extra", {})
+        extra["consolidated_from"] = dict(parent=point["parent"], segment=point["segment"])
+        point["segment"] = max(p["segment"] for p in points) + 1
+        point["parent"] = None
+        repo.save(points)
+    return True

@@ -62,10 +62,14 @@ def check_params(params):
         raise InputError("protected must be a list of point names")
     for name in protected:
         check_point_name(name)
+    max_depth = params.get("max_depth") or 0
+    if isinstance(max_depth, bool) or not isinstance(max_depth, int) or not (max_depth == 0 or 2 <= max_depth <= 1000):
+        raise InputError("max_depth must be 0 (no limit) or a number of layers between 2 and 1000, not %r"
+                         % (max_depth,))
     lock_wait = params.get("lock_wait") or 0
     if isinstance(lock_wait, bool) or not isinstance(lock_wait, int) or not 0 <= lock_wait <= MAX_LOCK_WAIT:
         raise InputError("lock_wait must be a number of seconds between 0 and %d, not %r" % (MAX_LOCK_WAIT, lock_wait))
-    return dict(policy=policy, timezone=timezone, protected=set(protected), lock_wait=lock_wait)
+    return dict(policy=policy, timezone=timezone, protected=set(protected), lock_wait=lock_wait, max_depth=max_depth)
 
 
 def is_protected(point, protected=()):
@@ -177,7 +181,9 @@ def finish_killed_prune(repo):
     names = set(repo.names())
     journalled = [check_point_name(n) for n in record.get("points") or []]
     removed = []
-    if not names & set(journalled):
+    if record.get("consolidate"):
+        _merge.finish_consolidate(repo, check_point_name(record["consolidate"]))
+    elif not names & set(journalled):
         for merge in record.get("merges") or []:
             if merge.get("child") in names:
                 _merge.merge_data(repo, merge)
@@ -205,13 +211,16 @@ def prune(params, check_mode=False, diff=False):
     if not os.path.isdir(repo.disk_dir):
         raise NotFoundError("no repository directory %s" % repo.disk_dir, path=repo.disk_dir)
     result = dict(changed=False, chain=repo.disk_dir, policy=opts["policy"], timezone=opts["timezone"],
-                  keep_all=not retention.keeps_something(opts["policy"]), cleaned=[], warnings=[], merges=[])
+                  keep_all=not retention.keeps_something(opts["policy"]), cleaned=[], warnings=[], merges=[],
+                  consolidated=None, max_depth=opts["max_depth"])
     if check_mode:
         repo.load(verify=False)
         rows, merges = plan(repo, opts["policy"], opts["timezone"], opts["protected"])
         journal = repo.intent(JOURNAL_KIND)
         result["changed"] = bool(_names(rows, REMOVE)) or journal is not None
         result["merges"] = [_merge_result(m) for m in merges]
+        result["consolidated"] = _deep(repo, rows, opts["max_depth"])
+        result["changed"] = result["changed"] or result["consolidated"] is not None
     else:
         with repo.lock(wait=opts["lock_wait"], exclude_readers=True):
             repo.load(verify=True)
@@ -221,7 +230,13 @@ def prune(params, check_mode=False, diff=False):
             gone = _names(rows, REMOVE)
             if gone:
                 result["merges"] = remove_points(repo, [r for r in rows if r["action"] == REMOVE], merges)
-            result["changed"] = bool(gone or result["cleaned"])
+            result["consolidated"] = deep = _deep(repo, rows, opts["max_depth"])
+            if deep is not None:
+                deep["seconds"] = _merge.consolidate(
+                    repo, deep["point"], lambda record: repo.record_intent(JOURNAL_KIND, record))
+                repo.clear_intent(JOURNAL_KIND)
+                _merge.step("consolidate-cleared")
+            result["changed"] = bool(gone or result["cleaned"] or deep)
     unknown = sorted(opts["protected"] - set(r["name"] for r in rows))
     if unknown:
         result["warnings"].append("protected names no point of %s: %s" % (repo.disk_dir, ", ".join(unknown)))
@@ -232,6 +247,31 @@ def prune(params, check_mode=False, diff=False):
     if diff:
         result["diff"] = _diff(repo, rows)
     return result
+
+
+def _deep(repo, rows, max_depth):
+    """``{point, depth}`` when the newest point that stays reads through more than ``max_depth`` layers
+    (it then becomes a new segment's base: ``merge.consolidate``), else None."""
+    if not max_depth:
+        return None
+    stays = dict((r["name"], r) for r in rows if r["action"] != REMOVE)
+    if not stays:
+        return None
+    by_name = dict((p["name"], p) for p in repo.points())
+    newest = max(stays)
+    depth, name = 0, newest
+    while name is not None:
+        depth += 1
+        name = _parent_after(by_name, stays, name)
+    return dict(point=newest, depth=depth, max_depth=max_depth) if depth > max_depth else None
+
+
+def _parent_after(by_name, stays, name):
+    """The parent a point has after this run's merges: its nearest ancestor that stays."""
+    parent = by_name[name]["parent"] if name in by_name else None
+    while parent is not None and parent not in stays:
+        parent = by_name[parent]["parent"]
+    return parent
 
 
 def _merge_result(merge, seconds=None):

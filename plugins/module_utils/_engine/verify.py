@@ -577,7 +577,10 @@ def _check_layer(repo, report, point, by_name):
         report.problem(name, layer, "point %s: the manifest says %d bytes but %s is %d bytes"
                        % (name, point["size"], point["layer"], size))
     expected = parent["layer"] if parent else None
-    if backing != expected and repo.merging_backing(name, backing):
+    if backing != expected and backing is None and repo.merging_backing(name, backing):
+        report.warnings.append("point %s: %s is already the standalone base an interrupted prune (max_depth) made of "
+                               "it (it reads the same; the next prune records it)" % (name, point["layer"]))
+    elif backing != expected and repo.merging_backing(name, backing):
         report.warnings.append("point %s: %s still reads through %s, which an interrupted prune is merging into it "
                                "(it reads the same; the next prune finishes the merge)" % (name, point["layer"], backing))
     elif backing != expected:
@@ -645,6 +648,8 @@ def _check_backing_chain(repo, report, leaf, by_name, missing):
         return
     files = [os.path.basename(i.get("filename", "")) for i in infos]
     wanted = [p["layer"] for p in chain]
+    if files != wanted and files == wanted[:1] and repo.consolidating() == name:
+        wanted = files  # an interrupted max_depth consolidation: see Repository.merging_backing
     merging = repo.merging_layers() if files != wanted else {}
     if merging:
         wanted = []

@@ -987,7 +987,17 @@ class Repository:
         """Whether ``backing`` is the backing file point ``name``'s layer may have while a journalled
         merge into it is unfinished (the newest layer merged, still in the directory)."""
         layers = self.merging_layers().get(name)
+        if backing is None:
+            return self.consolidating() == name  # max_depth: the newest point's new standalone layer
         return bool(layers) and backing == layers[0] and os.path.isfile(self.path(backing))
+
+    def consolidating(self):
+        """The point a running or killed prune makes a new segment's base (max_depth), or None."""
+        try:
+            record = self.intent(PRUNE_JOURNAL) or {}
+        except RepositoryError:
+            return None
+        return record.get("consolidate")
 
     # -- digests -------------------------------------------------------------------------------
     def _spool_path(self):

@@ -266,3 +266,40 @@ def test_a_merge_across_a_resize_is_refused_and_the_point_stays(tmp_path):
     assert "resized between %s and %s" % (P1, P3) in row["reason"]
     assert dict((n, disk.point_sha(n)) for n in NAMES[:3]) == before
     assert Repository(chain).load(verify=True).names() == NAMES[:3]
+
+
+def test_max_depth_consolidates_the_newest_point_into_a_new_segment(disk):
+    before = dict((n, disk.point_sha(n)) for n in NAMES)
+    check = _prune.prune(dict(chain=disk.chain, max_depth=4), check_mode=True)
+    assert check["consolidated"] == dict(point=P6, depth=6, max_depth=4) and check["changed"]
+    assert _prune.prune(dict(chain=disk.chain, max_depth=6), check_mode=True)["consolidated"] is None
+    # removals and merges first: keep_last 5 merges P1 into P2, leaving a depth of 5: not above max_depth 5
+    assert disk.prune(keep_last=5, max_depth=5)["consolidated"] is None
+    result = disk.prune(max_depth=3)
+    assert result["consolidated"]["point"] == P6 and result["consolidated"]["depth"] == 5
+    repo = Repository(disk.chain).load(verify=True)
+    point = repo.get(P6)
+    assert point["parent"] is None and point["segment"] == 2
+    assert qi.info(repo.layer_path(P6)).get("backing-filename") is None
+    assert_sound(disk, [P2, P3, P4, P5, P6], before)
+    disk.backup("20260107T031500Z")  # the next backup chains onto the new base
+    assert Repository(disk.chain).load().get("20260107T031500Z")["parent"] == P6
+    assert_sound(disk, [P2, P3, P4, P5, P6, "20260107T031500Z"])
+
+
+@pytest.mark.parametrize("step", ["consolidate-journal", "consolidate-digests", "consolidate-layer",
+                                  "consolidate-manifest", "consolidate-cleared"])
+def test_a_consolidation_killed_at_any_step_leaves_the_point_identical(disk, step):
+    proc = run_prune(dict(max_depth=3), disk.chain, step)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    Repository(disk.chain).load(verify=True)
+    for name in NAMES:
+        assert disk.point_sha(name) == disk.content[name], (step, name)
+    result = disk.verify()
+    assert result["clean"], (result["structure_problems"], result["mismatches"], result["errors"])
+    disk.prune(max_depth=3)
+    point = Repository(disk.chain).load(verify=True).get(P6)
+    assert point["parent"] is None and point["segment"] == 2
+    assert_sound(disk, NAMES)
+    assert not [e for e in disk.listing() if e.startswith(".intent-") or e.endswith(".partial")]
