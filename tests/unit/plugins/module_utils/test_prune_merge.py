@@ -303,3 +303,17 @@ def test_a_consolidation_killed_at_any_step_leaves_the_point_identical(disk, ste
     assert point["parent"] is None and point["segment"] == 2
     assert_sound(disk, NAMES)
     assert not [e for e in disk.listing() if e.startswith(".intent-") or e.endswith(".partial")]
+
+
+def test_a_backup_after_a_killed_merge_chains_on_and_the_next_prune_finishes(disk):
+    """Killed between the manifest and the data step: the next backup loads the repository (the
+    journalled merge is accepted), chains onto the newest point, and the next prune completes the merge."""
+    policy, kept, _merges = CASES["oldest (the full base under a small layer: commit)"]
+    proc = run_prune(policy, disk.chain, "manifest")
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    disk.backup("20260107T031500Z")
+    assert Repository(disk.chain).load(verify=True).get("20260107T031500Z")["parent"] == P6
+    result = disk.prune(**policy)
+    assert result["kept"] == kept[1:] + ["20260107T031500Z"]  # keep_last 5: P2 goes now (merged into P3)
+    assert_sound(disk, kept[1:] + ["20260107T031500Z"])
