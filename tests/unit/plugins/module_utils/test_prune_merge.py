@@ -203,6 +203,11 @@ def test_a_prune_killed_at_any_step_leaves_kept_points_identical_and_the_next_fi
             assert disk.point_sha(name) == disk.content[name], (step, name)
     result = disk.verify()
     assert result["clean"], (result["structure_problems"], result["mismatches"], result["errors"])
+    target = str(disk.tmp_path / "restored.raw")  # a restore (our chain reader) reads the same too
+    _restore.restore(dict(chain=disk.chain, point=P6, file=target, format="raw"))
+    with open(target, "rb") as fh:
+        assert hashlib.sha256(fh.read()).hexdigest() == disk.content[P6]
+    os.unlink(target)
     finished = disk.prune(**policy)
     assert finished["kept"] == kept
     assert_sound(disk, kept)
@@ -298,6 +303,11 @@ def test_a_consolidation_killed_at_any_step_leaves_the_point_identical(disk, ste
         assert disk.point_sha(name) == disk.content[name], (step, name)
     result = disk.verify()
     assert result["clean"], (result["structure_problems"], result["mismatches"], result["errors"])
+    target = str(disk.tmp_path / "restored.raw")
+    _restore.restore(dict(chain=disk.chain, point=P6, file=target, format="raw"))
+    with open(target, "rb") as fh:
+        assert hashlib.sha256(fh.read()).hexdigest() == disk.content[P6]
+    os.unlink(target)
     disk.prune(max_depth=3)
     point = Repository(disk.chain).load(verify=True).get(P6)
     assert point["parent"] is None and point["segment"] == 2
