@@ -50,6 +50,7 @@ integration: link
 
 bench: install link
 	$(PY) tests/bench/bench.py
+	$(PY) tests/bench/bench_prune.py
 	$(PY) tests/bench/scale.py
 	$(PY) tests/bench/bench_digest_scan.py
 

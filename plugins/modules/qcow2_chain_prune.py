@@ -11,7 +11,8 @@ short_description: Remove old backup points of one disk repository by a keep-las
 version_added: 0.1.0
 description:
   - Applies a retention policy with the semantics of Proxmox Backup Server's prune to the points of one
-    disk's repository (qcow2 chain), and removes the points it does not keep when that changes no kept point.
+    disk's repository (qcow2 chain), and removes the points it does not keep, merging them out of the chain where
+    kept points read through them, without changing the bytes of any kept point.
   - "The rules run in the order O(keep_last), O(keep_hourly), O(keep_daily), O(keep_weekly), O(keep_monthly),
     O(keep_yearly). Each looks only at the points no earlier rule decided on, newest first: it keeps the newest
     point of each of its periods (hour, day, ISO week from Monday to Sunday, month, year in O(timezone); for
@@ -30,15 +31,22 @@ description:
     do not fill a period, so the newest good point of that period is kept instead. They are removed unless
     protected.
   - The newest point is never removed (the next backup's base).
-  - "What is removed now: a point the policy removes goes only when every point that reads through it goes
-    too, so nothing is rewritten and no kept point's data changes: a whole older segment none of whose points
-    is kept, or the trailing points of a segment none of which is kept. Merging a point out of a chain is not
-    implemented yet: a point the policy removes but a kept point reads through stays, reported in
-    RV(needs_merge) with the reason."
+  - "A removed point that kept points read through is merged out of the chain: its data moves into the kept
+    point above it, so every kept point reads exactly the bytes it read before, and that point's block digests
+    are merged too (M(snapchain.vmbackup.chain_verify) passes after any prune). For each kept point whose parent
+    goes, the cheaper of two ways, by the allocated size of the layers (never the disk size): C(qemu-img rebase)
+    of the kept point onto the nearest kept ancestor (copies the removed layers' clusters it does not override:
+    the cost follows the removed layers), or C(qemu-img commit -d) of the kept point into the oldest removed
+    layer, whose file is then renamed over the kept point's (the cost follows the kept layer: removing the full
+    base under a 1% layer writes the 1%). See RV(merges)."
+  - A merge across a disk resize (layers of different virtual sizes) is not done; the point stays, reported
+    in RV(needs_merge) with the reason.
   - Removal runs under the repository's exclusive lock with readers excluded, so it fails while a
-    C(chain_verify) reads the disk or a backup writes it (after O(lock_wait) seconds). It journals what it
-    removes, replaces the manifest, then removes the files; a run killed on the way leaves files that no
-    point refers to, and the next prune removes them.
+    C(chain_verify) or a restore reads the disk or a backup writes it (after O(lock_wait) seconds); a restore
+    started meanwhile waits up to 60 seconds and then fails, never reading a half-merged layer. The prune
+    journals what it removes and merges (C(.intent-prune.json)), replaces the merged points' digests, then the
+    manifest, then merges the data and removes the files. A run killed at any step leaves every kept point
+    reading the same bytes and verifying; the next prune completes the job (C(cleaned)).
 author:
   - snapchain developers (@snapchain)
 attributes:
@@ -82,13 +90,26 @@ options:
     type: list
     elements: str
     default: []
+  max_depth:
+    description:
+      - When the newest point (after this run's removals and merges) reads through more than this many layers, it
+        is consolidated - a standalone layer is built from the chain (C(qemu-img convert) of the point, no read
+        from the source), and replaces the point's layer atomically as the base of a new segment (same name, same
+        bytes, its block digests for every block). The next backups chain onto it; older points stay as they are.
+      - 0 (the default) sets no limit; otherwise 2 to 1000 (30 is a good value).
+      - Journalled like merges - a run killed on the way leaves the point reading the same, and the next prune
+        completes it.
+    type: int
+    default: 0
   lock_wait:
     description: Seconds to wait for the repository locks held by a backup or a verify (0 to 86400).
     type: int
     default: 0
 notes:
   - Runs on the host that holds the repository.
-  - A restore takes no repository lock; a restore of a kept point reads nothing a prune removes.
+  - A restore reads under the repository's shared lock, so it never runs during a prune.
+  - "QEMU's image locks make a merge fail, changing nothing, while another QEMU process (an instant-restore VM,
+    a C(qemu-img convert)) has the kept point's layer open."
 """
 
 EXAMPLES = r"""
@@ -126,7 +147,10 @@ points:
       description: Its segment (a full backup and the incrementals on it).
       type: int
     action:
-      description: V(keep), V(remove), or V(needs_merge) (the policy removes it but a kept point reads through it).
+      description:
+        - "V(keep), V(remove), or V(needs_merge) (the policy removes it, kept points read through it, and it cannot
+          be merged out because of a resize between them)."
+        - A removed point that kept points read through is merged into them (RV(points[].merged_into)).
       type: str
     rule:
       description: What keeps it (V(keep_last) ... V(keep_yearly), V(protected), V(keep_all), V(newest)), or null.
@@ -147,6 +171,10 @@ points:
       description: Its files in the disk directory (layer, digests).
       type: list
       elements: str
+    merged_into:
+      description: For a removed point that kept points read through, the kept point its data is merged into
+        (a list when several are), else null.
+      type: raw
 kept:
   description: Names of the points kept.
   returned: success
@@ -158,10 +186,61 @@ removed:
   type: list
   elements: str
 needs_merge:
-  description: Names of the points the policy removes but that stay because kept points read through them.
+  description: Names of the points the policy removes but that stay because kept points read through them and
+    they cannot be merged out (a resize between them); empty otherwise.
   returned: success
   type: list
   elements: str
+merges:
+  description: One entry per kept point that removed points are merged into (in check mode, that would be).
+  returned: success
+  type: list
+  elements: dict
+  contains:
+    child:
+      description: The kept point that receives the data.
+      type: str
+    removed:
+      description: The removed points merged into it, oldest first.
+      type: list
+      elements: str
+    parent:
+      description: Its parent after the merge (the nearest kept point below), or null when it becomes its
+        segment's base.
+      type: str
+    method:
+      description: V(rebase) (qemu-img rebase of the kept point) or V(commit) (qemu-img commit into the oldest
+        removed layer, renamed over the kept point's layer).
+      type: str
+    cost_bytes:
+      description: Allocated bytes of the layers the method reads (what its time follows).
+      type: int
+    seconds:
+      description: How long the data step took (not in check mode).
+      type: float
+      returned: when not in check mode
+consolidated:
+  description: The newest point made a new segment's base because of O(max_depth) (in check mode, that would
+    be), or null.
+  returned: success
+  type: dict
+  contains:
+    point:
+      description: The point.
+      type: str
+    depth:
+      description: How many layers it read through before.
+      type: int
+    max_depth:
+      description: The limit.
+      type: int
+    seconds:
+      description: How long building and publishing the new base took (not in check mode).
+      type: float
+max_depth:
+  description: The O(max_depth) applied (0 - no limit).
+  returned: success
+  type: int
 bytes_freed:
   description: Bytes freed by the removed points (in check mode, that would be freed).
   returned: success
@@ -213,6 +292,7 @@ def main():
             timezone=dict(type="str", default="UTC"),
             protected=dict(type="list", elements="str", default=[]),
             lock_wait=dict(type="int", default=0),
+            max_depth=dict(type="int", default=0),
         ),
         supports_check_mode=True,
     )

@@ -56,29 +56,29 @@ def test_role_prunes_every_disk_with_a_summary_and_fails_for_a_locked_one(tmp_pa
     # check mode: the summary says what would go, nothing changes
     before = (manifest(first), manifest(second))
     proc = playbook("prune_role.yml", policy, check=True)
-    assert "2 of 2 disk(s) pruned, 0 failed; 6 point(s) removed" in proc.stdout
+    assert "2 of 2 disk(s) pruned, 0 failed; 8 point(s) removed (2 merge(s) into kept points)" in proc.stdout
     assert "(check mode: nothing removed)" in proc.stdout
     assert (manifest(first), manifest(second)) == before
 
     # a verify reading disk1 (the shared lock): disk0 is pruned, disk1 fails, the host fails
     with Repository(second).lock(shared=True):
         proc = playbook("prune_role.yml", policy, expect_rc=2)
-    assert "1 of 2 disk(s) pruned, 1 failed; 3 point(s) removed" in proc.stdout
+    assert "1 of 2 disk(s) pruned, 1 failed; 4 point(s) removed (1 merge(s) into kept points)" in proc.stdout
     lines = [line.strip(' ",') for line in proc.stdout.splitlines() if line.rstrip('",').endswith(("disk0", "disk1"))]
-    assert any(line.startswith("ok ") and line.split()[1:4] == ["2", "3", "1"] and line.endswith(first)
-               for line in lines), lines  # kept 2 (5th, 6th), removed 1-3, the 4th needs a merge
+    assert any(line.startswith("ok ") and line.split()[1:5] == ["2", "4", "1", "0"] and line.endswith(first)
+               for line in lines), lines  # kept 2 (5th, 6th), removed 1-4, the 4th merged into the 5th
     assert any(line.startswith("FAILED ") and line.endswith(second) for line in lines), lines
     assert "another run reads %s" % second in proc.stdout
     assert "1 of 2 disk(s) could not be pruned" in proc.stdout
-    assert Repository(first).load(verify=True).names() == NAMES[3:]
-    for name in NAMES[3:]:
+    assert Repository(first).load(verify=True).names() == NAMES[4:]
+    for name in NAMES[4:]:
         assert point_sha(first, name, tmp_path) == first_content[name]
 
     # the shipped playbook, disk1 alone, protecting one point
     proc = playbook(os.path.join(ROOT, "playbooks", "prune.yml"),
                     dict(prune_hosts="all", prune_chains=[second], prune_keep_daily=2, prune_protected=[NAMES[0]]))
-    assert "1 of 1 disk(s) pruned, 0 failed; 2 point(s) removed" in proc.stdout
-    assert Repository(second).load(verify=True).names() == [NAMES[0]] + NAMES[3:]
+    assert "1 of 1 disk(s) pruned, 0 failed; 3 point(s) removed (1 merge(s) into kept points)" in proc.stdout
+    assert Repository(second).load(verify=True).names() == [NAMES[0]] + NAMES[4:]
     assert json.loads(manifest(second))["points"][0]["name"] == NAMES[0]
 
 

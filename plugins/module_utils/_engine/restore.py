@@ -221,7 +221,8 @@ def load_chain(chain_dir, point=None, before=None, allow_bad=False):
         if size != item["size"]:
             raise RepositoryError("layer %s is %d bytes but the manifest says %d" % (layer, size, item["size"]),
                                   path=layer)
-        if backing != (parent["layer"] if parent else None):
+        # an interrupted prune's merge (or max_depth base) reads the same: Repository.merging_backing
+        if backing != (parent["layer"] if parent else None) and not repo.merging_backing(item["name"], backing):
             raise RepositoryError("layer %s has backing file %r but the manifest says %r"
                                   % (layer, backing, parent and parent["layer"]), path=layer)
         parent = item

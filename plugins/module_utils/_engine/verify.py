@@ -577,7 +577,13 @@ def _check_layer(repo, report, point, by_name):
         report.problem(name, layer, "point %s: the manifest says %d bytes but %s is %d bytes"
                        % (name, point["size"], point["layer"], size))
     expected = parent["layer"] if parent else None
-    if backing != expected:
+    if backing != expected and backing is None and repo.merging_backing(name, backing):
+        report.warnings.append("point %s: %s is already the standalone base an interrupted prune (max_depth) made of "
+                               "it (it reads the same; the next prune records it)" % (name, point["layer"]))
+    elif backing != expected and repo.merging_backing(name, backing):
+        report.warnings.append("point %s: %s still reads through %s, which an interrupted prune is merging into it "
+                               "(it reads the same; the next prune finishes the merge)" % (name, point["layer"], backing))
+    elif backing != expected:
         report.problem(name, layer, "point %s: the manifest says parent %s (backing file %r) but %s has backing "
                        "file %r" % (name, point["parent"], expected, point["layer"], backing))
     elif backing is not None and ("/" in backing or os.path.isabs(backing)):
@@ -642,6 +648,16 @@ def _check_backing_chain(repo, report, leaf, by_name, missing):
         return
     files = [os.path.basename(i.get("filename", "")) for i in infos]
     wanted = [p["layer"] for p in chain]
+    if files != wanted and files == wanted[:1] and repo.consolidating() == name:
+        wanted = files  # an interrupted max_depth consolidation: see Repository.merging_backing
+    merging = repo.merging_layers() if files != wanted else {}
+    if merging:
+        wanted = []
+        for point in chain:
+            wanted.append(point["layer"])
+            extra = merging.get(point["name"])
+            if extra and files[len(wanted):len(wanted) + len(extra)] == extra:
+                wanted.extend(extra)  # an interrupted prune's merge: see Repository.merging_backing
     if files != wanted:
         report.problem(name, layer, "point %s: qemu-img reads the chain %s, the manifest says %s"
                        % (name, " <- ".join(files), " <- ".join(wanted)))

@@ -59,6 +59,7 @@ MANIFEST = "manifest.json"
 LOCK_FILE = ".lock"
 INTENT_PREFIX = ".intent-"  # + the source kind + ".json"
 READ_LOCK_FILE = ".read.lock"
+PRUNE_JOURNAL = "prune"  # .intent-prune.json: what a running prune removes and merges (_engine/prune.py)
 LAYER_SUFFIX = ".qcow2"
 DIGESTS_SUFFIX = ".digests"
 PARTIAL_SUFFIX = ".partial"
@@ -464,7 +465,7 @@ class Repository:
             raise RepositoryError("point %s: manifest says %d bytes but %s is %d" % (name, point["size"], layer, size),
                                   path=layer)
         expected = parent["layer"] if parent else None
-        if backing != expected:
+        if backing != expected and not self.merging_backing(name, backing):
             raise RepositoryError("point %s: manifest says parent %s but %s has backing file %r"
                                   % (name, parent and parent["name"], layer, backing), path=layer)
         if point.get("digests") and not os.path.isfile(self.path(point["digests"])):
@@ -970,6 +971,40 @@ class Repository:
         if os.path.lexists(path):
             self._remove(path)
             fsync_dir(self.disk_dir)
+
+    def merging_layers(self):
+        """{point: [layers, newest first]} that a running or killed prune is merging into each point
+        (``.intent-prune.json``, see ``_engine/merge.py``): until that merge's data step is done the
+        point's layer may still name the newest of them as backing file, above the manifest's parent,
+        and read exactly the same."""
+        try:
+            record = self.intent(PRUNE_JOURNAL) or {}
+        except RepositoryError:
+            return {}
+        out = {}
+        for merge in record.get("merges") or []:
+            try:
+                removed = [check_point_name(n) + LAYER_SUFFIX for n in reversed(merge["removed"])]
+                out[check_point_name(merge["child"])] = removed
+            except (InputError, KeyError, TypeError):
+                continue
+        return out
+
+    def merging_backing(self, name, backing):
+        """Whether ``backing`` is the backing file point ``name``'s layer may have while a journalled
+        merge into it is unfinished (the newest layer merged, still in the directory)."""
+        layers = self.merging_layers().get(name)
+        if backing is None:
+            return self.consolidating() == name  # max_depth: the newest point's new standalone layer
+        return bool(layers) and backing == layers[0] and os.path.isfile(self.path(backing))
+
+    def consolidating(self):
+        """The point a running or killed prune makes a new segment's base (max_depth), or None."""
+        try:
+            record = self.intent(PRUNE_JOURNAL) or {}
+        except RepositoryError:
+            return None
+        return record.get("consolidate")
 
     # -- digests -------------------------------------------------------------------------------
     def _spool_path(self):

@@ -108,12 +108,14 @@ def actions(result):
 
 
 # protected P2 and P4, keep_last 1 (P8):
-#   segment 1: P1 needs a merge (P2 reads through it), P2 kept, P3 trailing -> removed
+#   segment 1: P1 merged into P2 (which reads through it), P2 kept, P3 trailing -> removed
 #   segment 2: P4 kept, P5 and P6 trailing -> removed
-#   segment 3: P7 needs a merge (P8 reads through it), P8 kept (newest)
+#   segment 3: P7 merged into P8 (newest, kept)
 POLICY = dict(keep_last=1, protected=[P2, P4])
-EXPECTED = {P1: "needs_merge", P2: "keep", P3: "remove", P4: "keep", P5: "remove", P6: "remove",
-            P7: "needs_merge", P8: "keep"}
+EXPECTED = {P1: "remove", P2: "keep", P3: "remove", P4: "keep", P5: "remove", P6: "remove",
+            P7: "remove", P8: "keep"}
+STAYS = [P2, P4, P8]
+GONE = [P1, P3, P5, P6, P7]
 
 
 def test_check_mode_reports_every_point_and_changes_nothing(disk):
@@ -121,22 +123,23 @@ def test_check_mode_reports_every_point_and_changes_nothing(disk):
     result = disk.prune(check_mode=True, diff=True, **POLICY)
     assert actions(result) == EXPECTED
     assert result["changed"] is True
-    assert result["removed"] == [P3, P5, P6] and result["needs_merge"] == [P1, P7]
+    assert result["removed"] == GONE and result["needs_merge"] == []
+    assert [(m["child"], m["removed"]) for m in result["merges"]] == [(P2, [P1]), (P8, [P7])]
     rows = dict((row["name"], row) for row in result["points"])
     assert rows[P2]["rule"] == "protected" and rows[P8]["rule"] == "keep_last"
     assert rows[P3]["rule"] is None and rows[P3]["reason"] == "no rule keeps it"
-    assert "kept point %s reads through it" % P2 in rows[P1]["reason"]
-    assert "merging a point out of a chain is not implemented yet" in rows[P7]["reason"]
+    assert "its data that kept point %s reads is merged into it" % P2 in rows[P1]["reason"]
+    assert rows[P7]["merged_into"] == P8 and rows[P3]["merged_into"] is None
     expected_bytes = sum(os.lstat(os.path.join(disk.chain, f)).st_blocks * 512
-                         for n in (P3, P5, P6) for f in (n + ".qcow2", n + ".digests"))
+                         for n in GONE for f in (n + ".qcow2", n + ".digests"))
     assert result["bytes_freed"] == expected_bytes > 0
     assert rows[P3]["bytes"] > 0
     assert result["diff"]["before"].count("\n") == 8
-    assert [line.split()[0] for line in result["diff"]["after"].splitlines()] == [P1, P2, P4, P7, P8]
+    assert [line.split()[0] for line in result["diff"]["after"].splitlines()] == STAYS
     before = dict((line.split()[0], line) for line in result["diff"]["before"].splitlines())
     assert before[P8].endswith("keep (keep_last)") and before[P2].endswith("keep (protected)")
     assert before[P3] == "%s  segment 1  %d bytes  remove (no rule keeps it)" % (P3, rows[P3]["bytes"])
-    assert before[P1].endswith("needs_merge (needs a merge, kept this run)")
+    assert before[P1].endswith("remove (no rule keeps it; merged into %s)" % P2)
     assert disk.manifest() == before_manifest and disk.listing() == before_files
 
 
@@ -145,16 +148,16 @@ def test_removes_only_what_no_kept_point_reads_and_kept_points_read_the_same(dis
     assert before == disk.content  # the chain reads as the source did at each backup
     result = disk.prune(**POLICY)
     assert actions(result) == EXPECTED and result["changed"] is True
-    assert result["removed"] == [P3, P5, P6]
-    for name in (P3, P5, P6):
+    assert result["removed"] == GONE
+    for name in GONE:
         assert not os.path.exists(os.path.join(disk.chain, name + ".qcow2"))
         assert not os.path.exists(os.path.join(disk.chain, name + ".digests"))
-    stays = [P1, P2, P4, P7, P8]
+    stays = STAYS
     assert_sound(disk, stays)
     assert dict((name, disk.point_sha(name)) for name in stays) == dict((n, before[n]) for n in stays)
     assert not [e for e in disk.listing() if e.startswith(".intent-") or e.endswith(".partial")]
     again = disk.prune(**POLICY)  # idempotent
-    assert again["changed"] is False and again["removed"] == [] and again["needs_merge"] == [P1, P7]
+    assert again["changed"] is False and again["removed"] == [] and again["needs_merge"] == []
     # the next backup chains onto the newest point as before
     disk.backup("20260109T031500Z")
     assert_sound(disk, stays + ["20260109T031500Z"])
@@ -184,7 +187,7 @@ def test_no_rule_keeps_everything_and_the_newest_point_always_stays(disk):
     assert "unsound" in rows[P8]["reason"]
     # P8 is bad: keep_last keeps the three newest good points instead
     assert [n for n in result["kept"] if rows[n]["rule"] == "keep_last"] == [P5, P6, P7]
-    assert result["removed"] == [P1, P2, P3]
+    assert result["removed"] == [P1, P2, P3, P4]  # P4 merged into P5
 
 
 def test_a_reader_holding_the_shared_lock_makes_prune_fail_clearly(disk):
@@ -197,7 +200,7 @@ def test_a_reader_holding_the_shared_lock_makes_prune_fail_clearly(disk):
     with Repository(disk.chain).lock():  # a backup holding the exclusive lock
         with pytest.raises(LockedError, match="another run holds"):
             disk.prune(**POLICY)
-    assert disk.prune(**POLICY)["removed"] == [P3, P5, P6]
+    assert disk.prune(**POLICY)["removed"] == GONE
 
 
 def test_a_restore_holds_the_read_lock_so_prune_waits_for_it(disk, tmp_path):
@@ -215,7 +218,7 @@ def test_a_restore_holds_the_read_lock_so_prune_waits_for_it(disk, tmp_path):
     with read_lock(str(tmp_path / "absent"), False, warnings):  # nothing to lock: no directory made
         pass
     assert not (tmp_path / "absent").exists()
-    assert disk.prune(**POLICY)["removed"] == [P3, P5, P6]
+    assert disk.prune(**POLICY)["removed"] == GONE
 
 
 KILLER = textwrap.dedent("""
@@ -245,7 +248,7 @@ def test_a_killed_prune_leaves_kept_points_sound_and_the_next_prune_finishes(dis
     proc = subprocess.run([sys.executable, "-c", KILLER % (COLLECTIONS, POLICY["protected"]), disk.chain, step,
                            str(call)], capture_output=True, text=True, check=False)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
-    stays = [P1, P2, P4, P7, P8]
+    stays = STAYS
     repo = Repository(disk.chain).load(verify=True)
     for name in stays:  # every kept point still reads as at its backup
         assert disk.point_sha(name) == disk.content[name]
@@ -253,17 +256,13 @@ def test_a_killed_prune_leaves_kept_points_sound_and_the_next_prune_finishes(dis
         assert repo.names() == NAMES
     result = disk.prune(**POLICY)
     assert_sound(disk, stays)
-    gone = [n + s for n in (P3, P5, P6) for s in (".qcow2", ".digests")]
+    gone = sorted(n + s for n in GONE for s in (".qcow2", ".digests"))
     assert not set(gone) & set(disk.listing())
     assert not [e for e in disk.listing() if e.startswith(".intent-") or e.endswith(".partial")]
     if step in ("remove_file", "clear_intent"):  # the manifest was replaced: the journal finishes the job
-        assert result["removed"] == [] and sorted(result["cleaned"]) == sorted(
-            e for e in gone if e not in _removed_before_kill(step, call, gone))
+        assert result["removed"] == [] and set(result["cleaned"]) <= set(gone)
+        assert bool(result["cleaned"]) == (step == "remove_file")
     assert result["orphans"] == []
-
-
-def _removed_before_kill(step, call, gone):
-    return gone[:call - 1] if step == "remove_file" else gone
 
 
 def test_older_unreferenced_files_are_reported_not_removed(disk):
