@@ -42,6 +42,7 @@ PACKAGES = (
     "libvirt-daemon-driver-qemu", "libvirt-daemon-system", "libvirt-clients", "python3-libvirt",
     "python3-venv", "python3-libnbd", "python3-jmespath", "python3-xxhash", "libnbd-bin",
     "ploop",  # OpenVZ ploop 1.15: snapshot / snapshot-merge on unmounted images (issue 12)
+    "chromium",  # headless browser: the HTML report is rendered and screenshotted in a test (issue 14)
 )
 MEMSTORE_BYTES = 8 << 30  # default; $SNAPCHAIN_LAB_MEMSTORE_GIB overrides it (memstore_bytes())
 LIBVIRT_URI = "qemu:///system"
