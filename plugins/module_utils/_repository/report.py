@@ -141,7 +141,7 @@ def _decide(model, now, stale_hours):
     elif newest is None or model["age_hours"] > stale_hours:
         model["status"] = STALE
         problems.append("no good point within %g h (newest good: %s)" % (
-            stale_hours, ("%s, %.1f h ago" % (model["newest_good"], model["age_hours"])) if newest else "none"))
+            stale_hours, ("%s, %s" % (model["newest_good"], human_age(model["age_hours"]))) if newest else "none"))
 
 
 def collect(opts, now=None):
@@ -173,6 +173,14 @@ def human_bytes(n):
             return ("%d %s" % (value, unit)) if unit == "B" else ("%.1f %s" % (value, unit))
         value /= 1024.0
     return "%d B" % n
+
+
+def human_age(hours):
+    if hours is None:
+        return "never"
+    if hours < 48:
+        return "%.1f h ago" % hours
+    return "%d days ago" % (hours // 24)
 
 
 def human_seconds(s):
@@ -292,7 +300,7 @@ def _disk_html(disk):
         '<div class="runs">%s</div></section>') % (
             disk["status"], _e(disk["name"].replace("/", "-")), disk["status"], disk["status"], disk["status"].upper(),
             _e(disk["name"]), _e(disk["chain"]), len(disk["points"]), human_bytes(disk["size_on_disk"]),
-            _e(("%s (%.1f h ago)" % (disk["newest_good"], disk["age_hours"])) if disk["newest_good"] else "none"),
+            _e(("%s (%s)" % (disk["newest_good"], human_age(disk["age_hours"]))) if disk["newest_good"] else "none"),
             _e(verify_text), chart("size", sizes, human_bytes), chart("duration", durations, human_seconds),
             _point_rows(disk) or '<tr><td colspan="8">no points</td></tr>', runs_html)
 
@@ -324,9 +332,10 @@ def render(model):
     groups = {}
     for d in disks:
         groups.setdefault(d["vm"] or "", []).append(d)
-    for vm in sorted(groups, key=lambda v: (v == "", v)):
+    rank = {FAILED: 0, STALE: 1, OK: 2}
+    for vm in sorted(groups, key=lambda v: (min(rank[d["status"]] for d in groups[v]), v == "", v)):
         out.append('<h2 class="vm">%s</h2>' % (("VM " + _e(vm)) if vm else "Disks without a VM"))
-        for d in sorted(groups[vm], key=lambda d: ({FAILED: 0, STALE: 1}.get(d["status"], 2), d["name"])):
+        for d in sorted(groups[vm], key=lambda d: (rank[d["status"]], d["name"])):
             out.append(_disk_html(d))
     out.append("</main><footer>snapchain.vmbackup repository_report · run summaries: &lt;disk&gt;/runs/*.json</footer>"
                "</body></html>\n")
