@@ -98,6 +98,7 @@ class Progress:
         self.interval = interval
         self.static = static
         self.lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self.state = "running"
         self.phase = "starting"
         self.bytes_done = 0
@@ -144,6 +145,11 @@ class Progress:
                 self.zero_total = zero_total
             if phase in TRANSFER_PHASES and self.transfer_started is None:
                 self.transfer_started = time.time()
+        if self._thread is not None:
+            try:
+                self.write()  # a new phase shows at once (its total), not at the next tick
+            except OSError:
+                pass  # progress is best effort; the run goes on
 
     def update(self, bytes_done=None, zero_done=None):
         with self.lock:
@@ -188,12 +194,13 @@ class Progress:
             return
         data = (json.dumps(self.snapshot(), sort_keys=True) + "\n").encode("utf-8")
         temp = "%s.%d.tmp" % (self.path, os.getpid())
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
+        with self._write_lock:  # the ticking thread and set_phase share the temporary name
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
 
     def close(self, state, message=None):
         self._stop.set()
