@@ -105,7 +105,8 @@ progress:
   type: list
   elements: dict
 progress_lines:
-  description: One line per entry of RV(progress), e.g. C(rbd/vm1-disk0: copying 40% (820.0 MiB of 2.0 GiB), 105.3 MB/s, ETA 12 s, 8.1 s elapsed).
+  description:
+    - "One line per entry of RV(progress), e.g. C(rbd/vm1-disk0: copying 40% (820.0 MiB of 2.0 GiB), 105.3 MB/s, ETA 12 s, 8.1 s elapsed)."
   returned: always
   type: list
   elements: str

@@ -24,9 +24,10 @@ author:
 attributes:
   check_mode:
     support: full
-    details: In check mode the report is built but not written.
+    description: The report is built (and its result returned) but not written.
   diff_mode:
     support: none
+    description: Nothing to show as a diff.
 options:
   repositories:
     description: Repository directories (a disk directory, or any directory above disk directories).

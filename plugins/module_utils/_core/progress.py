@@ -82,8 +82,6 @@ def check_progress_file(path, *others):
                              % path)
 
 
-
-
 class Progress:
     """Rewrites a small JSON file atomically every ``interval`` seconds while a long run goes on.
 

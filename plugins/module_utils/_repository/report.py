@@ -207,8 +207,8 @@ def chart(kind, values, fmt, width=300, height=64):
 
     parts = ['<svg class="chart" data-chart="%s" data-points="%d" width="%d" height="%d" viewBox="0 0 %d %d" '
              'role="img" aria-label="%s over time">' % (kind, n, width, height, width, height, _e(kind))]
-    parts.append('<line x1="%d" y1="%d" x2="%d" y2="%d" class="axis"/>' % (pad_l, height - pad_b, width - pad_r,
-                                                                         height - pad_b))
+    base = height - pad_b
+    parts.append('<line x1="%d" y1="%d" x2="%d" y2="%d" class="axis"/>' % (pad_l, base, width - pad_r, base))
     if n:
         coords = [xy(i, v) for i, v in enumerate(values)]
         if n > 1:
@@ -238,7 +238,8 @@ main{padding:16px 28px 40px;max-width:1240px}
 .problem{margin:4px 0;padding:6px 10px;border-radius:5px;background:#fdecea}
 .problem.stale{background:#fff4e0}
 .problem b{font-family:"DejaVu Sans Mono",monospace;font-size:13px}
-.tag{display:inline-block;min-width:54px;text-align:center;padding:1px 8px;margin-right:8px;border-radius:10px;font-size:12px;font-weight:700;color:#fff;background:#2e7d32}
+.tag{display:inline-block;min-width:54px;text-align:center;padding:1px 8px;margin-right:8px;border-radius:10px;
+font-size:12px;font-weight:700;color:#fff;background:#2e7d32}
 .tag.failed{background:#c62828}.tag.stale{background:#b26a00}
 h2.vm{font-size:17px;margin:22px 0 8px;border-bottom:1px solid #d9dee7;padding-bottom:4px}
 .disk{background:#fff;border:1px solid #d9dee7;border-radius:8px;padding:12px 16px;margin:0 0 14px}
