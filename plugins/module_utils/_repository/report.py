@@ -193,9 +193,10 @@ def human_seconds(s):
     return "%d h %02d min" % (s // 3600, s % 3600 // 60)
 
 
-def chart(kind, values, fmt, width=300, height=64):
-    """An inline SVG line chart of ``values`` (oldest first): one circle per value (class ``pt``)."""
-    pad_l, pad_r, pad_t, pad_b = 4, 4, 14, 6
+def chart(kind, values, fmt, width=300, height=76, span=None):
+    """An inline SVG line chart of ``values`` (oldest first): one circle per value (class ``pt``);
+    ``span``: (first, last) labels under the axis (the times of the first and last run)."""
+    pad_l, pad_r, pad_t, pad_b = 4, 4, 14, 18
     top = max(values) if values else 0
     top = top or 1
     n = len(values)
@@ -216,6 +217,11 @@ def chart(kind, values, fmt, width=300, height=64):
         for (x, y), v in zip(coords, values):
             parts.append('<circle class="pt" cx="%.1f" cy="%.1f" r="2.5"><title>%s</title></circle>' % (x, y, _e(fmt(v))))
         parts.append('<text x="%d" y="10" class="lbl">max %s</text>' % (pad_l, _e(fmt(max(values)))))
+        if span:
+            parts.append('<text x="%d" y="%d" class="lbl">%s</text>' % (pad_l, height - 4, _e(span[0])))
+            if n > 1:
+                parts.append('<text x="%d" y="%d" class="lbl" text-anchor="end">%s</text>'
+                             % (width - pad_r, height - 4, _e(span[1])))
     else:
         parts.append('<text x="%d" y="%d" class="lbl">no runs yet</text>' % (pad_l, height // 2))
     parts.append("</svg>")
@@ -280,6 +286,8 @@ def _disk_html(disk):
     ok_runs = [r for r in disk["backups"] if r["state"] == "ok"][-RUNS_CHARTED:]
     sizes = [r.get("repository_bytes") or 0 for r in ok_runs]
     durations = [r.get("seconds") or 0 for r in ok_runs]
+    span = (ok_runs[0]["started"][:16].replace("T", " "), ok_runs[-1]["started"][:16].replace("T", " ")) \
+        if ok_runs else None
     verify = disk["last_verify"]
     if verify is None:
         verify_text = "never verified"
@@ -295,14 +303,15 @@ def _disk_html(disk):
         '<section class="disk %s" id="disk-%s" data-status="%s"><h3><span class="tag %s">%s</span>%s</h3>'
         '<p class="meta">%s · %d point(s) · %s on disk · newest good point %s · last verify: %s</p>'
         '<div class="charts"><figure>%s<figcaption>size on disk after each backup</figcaption></figure>'
-        '<figure>%s<figcaption>duration of each backup</figcaption></figure></div>'
-        '<table><thead><tr><th>point</th><th>disk size</th><th>layer on disk</th><th>written</th><th>duration</th>'
+        '<figure>%s<figcaption>duration of each backup run</figcaption></figure></div>'
+        '<table><thead><tr><th>point</th><th>disk size</th><th>layer on disk</th><th>written</th><th>transfer</th>'
         '<th>throughput</th><th>frozen</th><th>consistency</th></tr></thead><tbody>%s</tbody></table>'
         '<div class="runs">%s</div></section>') % (
             disk["status"], _e(disk["name"].replace("/", "-")), disk["status"], disk["status"], disk["status"].upper(),
             _e(disk["name"]), _e(disk["chain"]), len(disk["points"]), human_bytes(disk["size_on_disk"]),
             _e(("%s (%s)" % (disk["newest_good"], human_age(disk["age_hours"]))) if disk["newest_good"] else "none"),
-            _e(verify_text), chart("size", sizes, human_bytes), chart("duration", durations, human_seconds),
+            _e(verify_text), chart("size", sizes, human_bytes, span=span),
+            chart("duration", durations, human_seconds, span=span),
             _point_rows(disk) or '<tr><td colspan="8">no points</td></tr>', runs_html)
 
 
