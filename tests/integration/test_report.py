@@ -162,3 +162,20 @@ def test_report_in_chromium(repo):
     keep = os.environ.get("SNAPCHAIN_REPORT_SCREENSHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+def test_report_playbook(repo):
+    """playbooks/report.yml: the report fetched to the controller, the problems named, and a failure with
+    report_fail_on_problems; --check writes nothing."""
+    from ansible_runner import playbook  # pylint: disable=import-outside-toplevel
+    path = os.path.join(module_runner.ROOT, "playbooks", "report.yml")
+    fetched = repo["tmp"] / "fetched"
+    args = dict(report_hosts="localhost", report_repositories=[str(repo["root"])],
+                report_dest=str(repo["tmp"] / "pb.html"), report_stale_hours=24, report_fetch_dir=str(fetched))
+    proc = playbook(path, dict(args, report_dest=str(repo["tmp"] / "check.html")), check=True)
+    assert not (repo["tmp"] / "check.html").exists() and "1 failed, 1 stale, 1 ok" in proc.stdout
+    proc = playbook(path, args)
+    assert (fetched / "localhost.html").read_text().startswith("<!DOCTYPE html>")
+    assert str(repo["db"]) in proc.stdout
+    proc = playbook(path, dict(args, report_fail_on_problems=True), expect_rc=2)
+    assert "disks needing attention" in proc.stdout
