@@ -39,6 +39,14 @@ options:
     type: str
     choices: [direct, nbd]
     default: direct
+  progress_file:
+    description:
+      - A file rewritten (atomically) every 2 seconds while the backup copies, for a run started with
+        C(async) (C(state), C(phase), C(bytes_done), C(bytes_total), C(percent), C(rate_bytes_per_s),
+        C(eta_seconds)); the same document M(snapchain.vmbackup.qcow2_chain_restore) writes. Its directory
+        must exist. M(snapchain.vmbackup.async_wait) with O(snapchain.vmbackup.async_wait#module:progress_files)
+        prints it while a role polls.
+    type: path
   nbd_cache:
     description:
       - Cache mode of the C(qemu-nbd) that writes the new layer with O(writer=nbd). The layer is flushed and

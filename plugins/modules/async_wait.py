@@ -39,6 +39,26 @@ options:
     description: Seconds between two looks at the job files.
     type: float
     default: 1.0
+  return_after:
+    description:
+      - Return after this many seconds even if fewer than O(min_ended) jobs have ended (then RV(done) is false
+        and the task succeeds). A role waits in a loop of includes (print the progress, call again while not
+        RV(done)) rather than with C(until), which prints a C(FAILED - RETRYING) line per poll.
+      - V(0) waits until enough jobs have ended (or O(timeout)).
+    type: float
+    default: 0
+  progress_files:
+    description:
+      - The C(progress_file) of each job, in the order of O(results_files) (an empty string for a job without
+        one). The progress of every running job is returned in RV(progress) and RV(progress_lines).
+    type: list
+    elements: str
+    default: []
+  labels:
+    description: A name for each job, in the order of O(results_files), used in RV(progress_lines).
+    type: list
+    elements: str
+    default: []
 """
 
 EXAMPLES = r"""
@@ -74,6 +94,22 @@ waited:
   description: Seconds waited.
   returned: always
   type: float
+done:
+  description: True when at least O(min_ended) jobs have ended; false when O(return_after) passed first.
+  returned: always
+  type: bool
+progress:
+  description: The progress document of each running job with a progress file (bytes_done, bytes_total, percent,
+    rate_bytes_per_s, eta_seconds, phase, state...), with its C(results_file) and C(label).
+  returned: always
+  type: list
+  elements: dict
+progress_lines:
+  description:
+    - "One line per entry of RV(progress), e.g. C(rbd/vm1-disk0: copying 40% (820.0 MiB of 2.0 GiB), 105.3 MB/s, ETA 12 s, 8.1 s elapsed)."
+  returned: always
+  type: list
+  elements: str
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -89,6 +125,9 @@ def main():
             min_ended=dict(type="int", default=1),
             timeout=dict(type="int", default=0),
             poll_interval=dict(type="float", default=1.0),
+            return_after=dict(type="float", default=0),
+            progress_files=dict(type="list", elements="str", default=[]),
+            labels=dict(type="list", elements="str", default=[]),
         ),
         supports_check_mode=True,
     )

@@ -36,6 +36,7 @@ author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
   - snapchain.vmbackup.ceph
+  - snapchain.vmbackup.run_summary
 attributes:
   check_mode:
     support: full
@@ -148,6 +149,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+run_summary:
+  description: The run summary this run wrote (C(<chain>/runs/...json)), or null (check mode, O(run_summaries_keep=0)).
+  returned: success, not in check mode
+  type: str
 msg:
   description: One-line summary; on failure it names the points, offsets and files at fault.
   returned: always
@@ -269,6 +274,7 @@ reads_around_bad:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import run_summary_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.connection import ceph_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
@@ -279,6 +285,7 @@ def main():
     module = AnsibleModule(
         argument_spec=ceph_argument_spec(
             chain=dict(type="path", required=True),
+            **run_summary_argument_spec(),
             points=dict(type="raw", default="latest"),
             sample_percent=dict(type="float", default=100),
             seed=dict(type="int"),

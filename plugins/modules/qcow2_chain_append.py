@@ -34,6 +34,7 @@ author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
   - snapchain.vmbackup.repository
+  - snapchain.vmbackup.run_summary
 attributes:
   check_mode:
     support: full
@@ -128,6 +129,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+run_summary:
+  description: The run summary this run wrote (C(<chain>/runs/...json)), or null (check mode, O(run_summaries_keep=0)).
+  returned: success, not in check mode
+  type: str
 point:
   description: The manifest entry of the new point (name, layer, parent, segment, size, counters...).
   returned: success, not in check mode
@@ -216,6 +221,7 @@ mb_per_s:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import run_summary_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.append import append_point
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import repository_argument_spec
@@ -235,7 +241,8 @@ def main():
             snapshot_name=dict(type="str"),
             point_name=dict(type="str"),
             force_full=dict(type="bool", default=False),
-            **repository_argument_spec()
+            **repository_argument_spec(),
+            **run_summary_argument_spec()
         ),
         mutually_exclusive=[("source", "diff", "ploop_descriptor")],
         required_one_of=[("source", "diff", "ploop_descriptor")],

@@ -56,6 +56,8 @@ attributes:
   diff_mode:
     support: full
     description: The points of the manifest before and after (removed points as removed lines).
+extends_documentation_fragment:
+  - snapchain.vmbackup.run_summary
 options:
   chain:
     description: The disk's repository directory (the one holding C(manifest.json)).
@@ -134,6 +136,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+run_summary:
+  description: The run summary this run wrote (C(<chain>/runs/...json)), or null (check mode, O(run_summaries_keep=0)).
+  returned: success, not in check mode
+  type: str
 points:
   description: Every point, oldest first, with what the policy decided.
   returned: success
@@ -275,6 +281,7 @@ seconds:
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import run_summary_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.prune import prune
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 
@@ -283,6 +290,7 @@ def main():
     module = AnsibleModule(
         argument_spec=dict(
             chain=dict(type="path", required=True),
+            **run_summary_argument_spec(),
             keep_last=dict(type="int"),
             keep_hourly=dict(type="int"),
             keep_daily=dict(type="int"),

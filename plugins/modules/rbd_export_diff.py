@@ -27,6 +27,7 @@ extends_documentation_fragment:
   - snapchain.vmbackup.ceph
   - snapchain.vmbackup.rbd_image
   - snapchain.vmbackup.repository
+  - snapchain.vmbackup.run_summary
 attributes:
   check_mode:
     support: full
@@ -129,6 +130,10 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+run_summary:
+  description: The run summary this run wrote (C(<chain>/runs/...json)), or null (check mode, O(run_summaries_keep=0)).
+  returned: success, not in check mode
+  type: str
 full:
   description: Whether this was a full backup (a new chain segment, or a diff from the image's creation).
   returned: always
@@ -211,6 +216,7 @@ mb_per_s:
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import run_summary_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_nbd as _nbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.connection import image_argument_spec
@@ -235,7 +241,8 @@ def main():
             transfer_slots=dict(type="int", default=0),
             transfer_slot_group=dict(type="str", default="backup"),
             transfer_slot_wait=dict(type="int", default=3600),
-            **repository_argument_spec()
+            **repository_argument_spec(),
+            **run_summary_argument_spec()
         ),
         mutually_exclusive=[("chain", "dest")],
         required_one_of=[("chain", "dest")],

@@ -100,4 +100,7 @@ def test_bad_input_fails_cleanly(tmp_path):
     proc = playbook("qcow2_chain_append.yml", dict(vars_, t_diffs=[str(bad)] * 2), expect_rc=2,
                     env={"ANSIBLE_RUN_TAGS": "diff"})
     assert "truncated data of write record" in proc.stdout
-    assert sorted(os.listdir(chain)) == [".lock"]  # a diff's segment uses unkeyed digests: no key file
+    # a diff's segment uses unkeyed digests: no key file; the failed run left its summary, saying it failed
+    assert sorted(os.listdir(chain)) == [".lock", "runs"]
+    (summary,) = [json.loads(p.read_text()) for p in (chain / "runs").iterdir()]
+    assert summary["state"] == "failed" and "truncated data of write record" in summary["error"]

@@ -35,6 +35,7 @@ def run_backup(lab, tmp_path, host_vars, expect_rc=0, check=False):
         rbd_backup_cluster_label="lab",
         rbd_backup_parallel_images=2,
         rbd_backup_poll_interval=1,
+        rbd_backup_progress_dir=str(tmp_path / "progress"),
     )
     host.update(host_vars)
     inventory = tmp_path / "inventory.yml"
@@ -193,6 +194,31 @@ def test_full_then_incremental(lab, images, tmp_path):
         assert images.snapshots(name, namespace) == [second["snapshot"]]
         assert restored_sha256(chains[name], second, tmp_path) == images.sha256_at(name, namespace, second["snapshot"])
     assert images.snapshots(scratch) == []
+
+
+def test_progress_lines_and_no_retrying(lab, images, tmp_path):
+    """A backup long enough to be polled prints its progress (issue 14) and no "FAILED - RETRYING"."""
+    name = images.prefix + "-big"
+    with pool_ioctx(lab) as ioctx:
+        rbd.RBD().create(ioctx, name, 1024 * MiB)
+    images.made.append((None, name))
+    images.write(name, None, [(off, os.urandom(4 * MiB)) for off in range(0, 1024 * MiB, 4 * MiB)])
+    proc = run_backup(lab, tmp_path, dict(rbd_backup_images=[{"pool": lab.pool, "image": name}],
+                                          rbd_backup_progress_interval=1, rbd_backup_parallel_reads=1))
+    spec = "%s/%s" % (lab.pool, name)
+    assert "FAILED - RETRYING" not in proc.stdout
+    assert "TASK [snapchain.vmbackup.rbd_backup : Progress]" in proc.stdout, proc.stdout
+    progress = [line.strip().strip('",') for line in proc.stdout.splitlines() if line.strip().startswith('"%s: ' % spec)]
+    assert progress, proc.stdout
+    assert any(" of 1.0 GiB)" in line for line in progress), progress  # bytes done of the total to copy
+    print("\n".join(progress))
+    lines = summary(proc)
+    assert lines[0].startswith("1 of 1 backup(s) done, 0 failed"), lines
+    chain = tmp_path / "repo" / "lab" / lab.pool / name
+    runs = sorted(os.listdir(chain / "runs"))
+    assert len(runs) == 1 and runs[0].endswith("-localhost.json"), runs
+    doc = json.loads((chain / "runs" / runs[0]).read_text())
+    assert doc["state"] == "ok" and doc["bytes_read"] == 1024 * MiB and doc["consistency"] == "crash"
 
 
 def test_failed_image_does_not_stop_the_others(lab, images, tmp_path):

@@ -54,7 +54,8 @@ def run_role(lab, tmp_path, guest, **extra):
         vm_backup_ceph_conf=lab.ceph_conf, vm_backup_ceph_client=lab.backup_client,
         vm_backup_keyring=lab.backup_keyring, vm_backup_freeze_mode="agent", vm_backup_on_freeze_failure="fail",
         vm_backup_max_frozen_seconds=120, vm_backup_freeze_state_dir=str(tmp_path / "run"),
-        vm_backup_report=str(report))
+        vm_backup_report=str(report), vm_backup_progress_dir=str(tmp_path / "progress"),
+        vm_backup_progress_interval=1, vm_backup_poll_interval=1)
     variables.update(extra)
     proc = playbook(os.path.join(ROOT, "playbooks", "vm_backup.yml"), variables, inventory=str(inventory))
     return proc, json.loads(report.read_text())
@@ -94,6 +95,12 @@ def test_one_freeze_for_all_disks_and_chains_restore(lab, two_disk_guest, tmp_pa
         assert sha256_file(out) == sha256_file(exported), image
         xml = (chain / (point["name"] + ".domain.xml")).read_text()
         assert "<name>%s</name>" % guest["name"] in xml and oct(os.stat(chain / (point["name"] + ".domain.xml")).st_mode & 0o777) == "0o600"
+        # the run summary of the disk says how consistent the point is and how long the guest was frozen
+        (run,) = [json.loads(p.read_text()) for p in (chain / "runs").iterdir()]
+        assert run["state"] == "ok" and run["point"] == point["name"] and run["vm"] == guest["name"]
+        assert run["consistency"] == "application" and run["freeze_seconds"] == vm["frozen_ms"] / 1000.0
+    # the transfers were polled as async jobs without `until`
+    assert "FAILED - RETRYING" not in proc.stdout and "Wait for the transfers of" in proc.stdout
 
 
 def test_paused_guest_stays_paused_and_is_not_frozen(lab, two_disk_guest, tmp_path):

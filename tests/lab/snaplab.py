@@ -43,6 +43,7 @@ PACKAGES = (
     "python3-venv", "python3-libnbd", "python3-jmespath", "python3-xxhash", "libnbd-bin",
     "ploop",  # OpenVZ ploop 1.15: snapshot / snapshot-merge on unmounted images (issue 12)
     "qemu-system-common", "fuse3", "fdisk", "rsync",  # file-level restore: qemu-storage-daemon FUSE export, sfdisk, rsync (issue 14)
+    "chromium",  # headless browser: the HTML report is rendered and screenshotted in a test (issue 14)
 )
 MEMSTORE_BYTES = 8 << 30  # default; $SNAPCHAIN_LAB_MEMSTORE_GIB overrides it (memstore_bytes())
 LIBVIRT_URI = "qemu:///system"

@@ -19,6 +19,7 @@ import json
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.progress import progress_line, read_progress
 
 RUNNING = "running"
 ENDED = "ended"
@@ -59,25 +60,55 @@ def check(params):
         raise InputError("poll_interval must be more than 0 seconds")
     if params["timeout"] < 0:
         raise InputError("timeout must be 0 (no limit) or more seconds")
+    if (params.get("return_after") or 0) < 0:
+        raise InputError("return_after must be 0 (wait until enough jobs ended) or more seconds")
+    progress = params.get("progress_files") or []
+    if progress and len(progress) != len(files):
+        raise InputError("progress_files has %d entries but results_files %d: give one progress file per job, in the "
+                         "same order" % (len(progress), len(files)))
+
+
+def _progress(params, running):
+    """The progress documents (and one line each) of the running jobs that have a progress file."""
+    files = params.get("progress_files") or []
+    docs, lines = [], []
+    labels = params.get("labels") or []
+    for i, (results_file, progress_file) in enumerate(zip(params["results_files"], files)):
+        if results_file not in running or not progress_file:
+            continue
+        doc = read_progress(progress_file)
+        if doc is None:
+            continue
+        label = labels[i] if i < len(labels) else None
+        docs.append(dict(doc, results_file=results_file, label=label))
+        lines.append(progress_line(doc, label))
+    return dict(progress=docs, progress_lines=lines)
 
 
 def wait(params, clock=time.monotonic, sleep=time.sleep):
     """Wait until ``min_ended`` of the jobs (all of them, if fewer) have ended.
 
-    Returns dict(ended=[...], running=[...], waited=seconds), each list in the order given.
+    Returns dict(ended=[...], running=[...], waited=seconds, done=True, progress=[...],
+    progress_lines=[...]), each list in the order given.  With ``return_after``, returns after that
+    many seconds even when fewer jobs ended (``done`` false), so a role can print the progress and
+    call it again (an include loop) instead of ``until``, which prints "FAILED - RETRYING" per poll.
     Raises WaitTimeout (with the same lists) when ``timeout`` seconds pass first.
     """
     check(params)
     files = params["results_files"]
     want = min(params["min_ended"], len(files))
+    return_after = params.get("return_after") or 0
     started = clock()
     while True:
         states = [(path, job_state(path)) for path in files]
         ended = [path for path, state in states if state == ENDED]
         running = [path for path, state in states if state == RUNNING]
         waited = round(clock() - started, 3)
-        if len(ended) >= want:
-            return dict(ended=ended, running=running, waited=waited, changed=False)
+        done = len(ended) >= want
+        if done or (return_after and waited >= return_after):
+            result = dict(ended=ended, running=running, waited=waited, done=done, changed=False)
+            result.update(_progress(params, running))
+            return result
         if params["timeout"] and waited >= params["timeout"]:
             raise WaitTimeout("%d of %d job(s) ended within %d s; %d asked for"
                               % (len(ended), len(files), params["timeout"], want),
@@ -85,4 +116,6 @@ def wait(params, clock=time.monotonic, sleep=time.sleep):
         pause = params["poll_interval"]
         if params["timeout"]:
             pause = max(0.0, min(pause, params["timeout"] - waited))
+        if return_after:
+            pause = max(0.0, min(pause, return_after - waited))
         sleep(pause)

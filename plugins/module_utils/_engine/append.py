@@ -27,6 +27,8 @@ The one backup flow (``_engine/backup.py``) with one of two sources:
 
 from __future__ import annotations
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.progress import check_progress_file
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import check_run_options
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     WRITERS, Repository, check_point_name)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError
@@ -65,7 +67,9 @@ def check_params(params):
     snapshot = params.get("snapshot_name")
     if snapshot is not None and (not snapshot or "\0" in snapshot or len(snapshot.encode("utf-8")) > 4096):
         raise InputError("snapshot_name must be a non-empty string of at most 4096 bytes without NUL")
-    return dict(parallel=parallel, cache=cache, writer=writer,
+    run_info, run_keep = check_run_options(params)
+    check_progress_file(params.get("progress_file"), params.get("source"), params.get("diff"))
+    return dict(parallel=parallel, cache=cache, writer=writer, run_info=run_info, run_keep=run_keep,
                 dir_mode=parse_mode(params.get("dir_mode") or "0700", "dir_mode"),
                 file_mode=parse_mode(params.get("file_mode") or "0600", "file_mode"))
 
@@ -82,7 +86,8 @@ def append_point(params, check_mode=False):
     opts = check_params(params)
     repo = Repository(params["chain"], dir_mode=opts["dir_mode"], file_mode=opts["file_mode"])
     run = dict(force_full=params.get("force_full"), point_name=params.get("point_name"), writer=opts["writer"],
-               parallel=opts["parallel"], cache=opts["cache"], check_mode=check_mode)
+               parallel=opts["parallel"], cache=opts["cache"], check_mode=check_mode, run_info=opts["run_info"],
+               run_keep=opts["run_keep"], progress_file=params.get("progress_file"))
     if params.get("ploop_descriptor"):
         with PloopSource(params["ploop_descriptor"], params.get("ploop_root") or "/vz/private",
                          config=params.get("ploop_config"), parallel=opts["parallel"], check_mode=check_mode) as src:

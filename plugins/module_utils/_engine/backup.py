@@ -29,6 +29,8 @@ import os
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import ConflictError, SnapchainError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.progress import Progress
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import run_summary as _runs
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     DIGESTS_SUFFIX, LAYER_SUFFIX, check_point_name)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import layer_sink
@@ -50,18 +52,38 @@ def check_point_name_option(repo, name):
 
 
 def backup(repo, source, force_full=False, point_name=None, writer="direct", parallel=8, cache="none",
-           extra=None, check_mode=False):
+           extra=None, check_mode=False, run_info=None, run_keep=_runs.DEFAULT_KEEP, progress_file=None):
     """Append one point of ``source`` to ``repo``; returns the result dict of the module.
 
     ``writer``/``cache``: how the layer is written (a source may require one: ``source.writer``).
     ``extra``: fields for the point's ``extra`` record.  In check mode nothing is created:
-    the result says what a real run would do.
+    the result says what a real run would do.  ``run_info``/``run_keep``: the run summary written
+    into ``<disk>/runs/`` at the end, failed or not (``_repository/run_summary.py``);
+    ``progress_file``: the progress of the copy, rewritten every few seconds (``_core/progress.py``).
     """
     result = dict(changed=True, chain=repo.disk_dir, point=None, parent=None, cleaned_partial=[],
                   cleaned_orphans=[], warnings=[])
     if check_mode:
         repo.load()  # no manifest (or no directory): an empty repository
         return _plan(repo, source, force_full, point_name, result)
+    summary = _runs.RunSummary(repo.disk_dir, "backup", run_info, keep=run_keep, dir_mode=repo.dir_mode,
+                               file_mode=repo.file_mode)
+    if not summary.doc["consistency"]:
+        summary.update(consistency="crash")  # a snapshot taken without a freeze
+    try:
+        with Progress(progress_file, chain=repo.disk_dir, kind="backup") as progress:
+            source.progress = progress
+            _backup(repo, source, force_full, point_name, writer, parallel, cache, extra, result)
+    except BaseException as exc:
+        summary.update(warnings=list(result["warnings"]))
+        summary.finish(error=_runs.error_text(exc))
+        raise
+    summary.update(**_runs.backup_fields(result, repo))
+    result["run_summary"] = summary.finish(warnings=result["warnings"])
+    return result
+
+
+def _backup(repo, source, force_full, point_name, writer, parallel, cache, extra, result):
     repo.ensure_dir()
     with repo.lock():
         repo.load()
@@ -69,7 +91,8 @@ def backup(repo, source, force_full=False, point_name=None, writer="direct", par
         result["cleaned_orphans"] = clean_killed_run(repo, source, result["warnings"])
         done = source.refuse(repo)
         if done is not None:
-            return _already(result, done)
+            _already(result, done)
+            return
         check_point_name_option(repo, point_name)
         parent, base, reason = source.choose_base(repo, force_full)
         published = []
@@ -101,7 +124,6 @@ def backup(repo, source, force_full=False, point_name=None, writer="direct", par
                   mb_per_s=point["extra"].get("mb_per_s"))
     for key in _COUNTERS:
         result[key] = point[key]
-    return result
 
 
 def tidy(repo, source, check_mode=False):

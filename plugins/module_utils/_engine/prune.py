@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import time
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import run_summary as _runs
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, NotFoundError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.naming import parse_managed
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import merge as _merge
@@ -206,10 +207,23 @@ def finish_killed_prune(repo):
 def prune(params, check_mode=False, diff=False):
     """Apply the policy of ``params`` to the repository ``params['chain']``; the module's result."""
     opts = check_params(params)
-    started = time.monotonic()
+    run_info, run_keep = _runs.check_run_options(params)
     repo = Repository(params["chain"])
     if not os.path.isdir(repo.disk_dir):
         raise NotFoundError("no repository directory %s" % repo.disk_dir, path=repo.disk_dir)
+    summary = _runs.RunSummary(repo.disk_dir, "prune", run_info, keep=0 if check_mode else run_keep)
+    try:
+        result = _prune(repo, opts, check_mode, diff)
+    except BaseException as exc:
+        summary.finish(error=_runs.error_text(exc))
+        raise
+    summary.update(**_runs.prune_fields(result))
+    result["run_summary"] = summary.finish(warnings=result["warnings"])
+    return result
+
+
+def _prune(repo, opts, check_mode, diff):
+    started = time.monotonic()
     result = dict(changed=False, chain=repo.disk_dir, policy=opts["policy"], timezone=opts["timezone"],
                   keep_all=not retention.keeps_something(opts["policy"]), cleaned=[], warnings=[], merges=[],
                   consolidated=None, max_depth=opts["max_depth"])

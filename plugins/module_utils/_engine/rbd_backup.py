@@ -21,6 +21,8 @@ import os
 import re
 import tempfile
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.progress import check_progress_file
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import check_run_options
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import repository as _chain
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph import rbd as _rbd
@@ -199,6 +201,8 @@ def backup_to_chain(params, check_mode=False):
                              file_mode=parse_mode(params.get("file_mode") or "0600", "file_mode"))
     pool, ns, image = params["pool"], params.get("namespace"), params["image"]
     granularity = params.get("granularity") or "auto"
+    run_info, run_keep = check_run_options(params)
+    check_progress_file(params.get("progress_file"))
     with _rbd.session(params, pool, ns) as sess:
         with sess.image(image, read_only=check_mode) as head:
             source = RbdSource(sess, image, head, snapshot=params.get("snapshot"),
@@ -209,7 +213,8 @@ def backup_to_chain(params, check_mode=False):
                     result = backup(repo, source, force_full=params.get("force_full"), writer=params.get("writer") or
                                     "direct", parallel=params.get("parallel") or 8,
                                     cache=params.get("nbd_cache") or "none", check_mode=check_mode,
-                                    extra=dict(granularity=granularity))
+                                    extra=dict(granularity=granularity), run_info=run_info, run_keep=run_keep,
+                                    progress_file=params.get("progress_file"))
             finally:
                 source.close()
     if slot:

@@ -45,7 +45,6 @@ import collections
 import concurrent.futures
 import contextlib
 import datetime
-import json
 import mmap
 import os
 import re
@@ -57,6 +56,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
     ConflictError, InputError, NotFoundError, RepositoryError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero, parse_mode
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, total
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.progress import Progress  # noqa: F401 (re-exported)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.device import BlockDevice
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import DEFAULT_CHUNK, Window, copy_extents
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.file import FORMATS, Qcow2File, RawFile
@@ -65,7 +65,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd im
     DEAD_CLIENT_WAIT, PARTIAL_IMAGE_SUFFIX, NewRbdImage, RbdInPlace)
 
 ZERO_PIECE = 1 << 30  # zero extents are cut to this size (parallelism, progress)
-PROGRESS_INTERVAL = 2.0
+PROGRESS_INTERVAL = 2.0  # see _core/progress.py
 # Reader threads of copy_mapped: the kernel's readahead already keeps the disk busy; more threads
 # reading the same files only contend (2 GiB, cold: 1.2 s with 2 readers, 1.4-1.6 s with 4, 1.9 s with 1).
 READERS = 2
@@ -227,139 +227,6 @@ def load_chain(chain_dir, point=None, before=None, allow_bad=False):
                                   % (layer, backing, parent and parent["layer"]), path=layer)
         parent = item
     return repo, chosen, chain, skipped
-
-
-# --------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """Rewrites a small JSON file atomically every ``interval`` seconds while a restore runs.
-
-    ``{"state": "running|done|failed", "phase": ..., "bytes_done": N, "bytes_total": N,
-    "percent": P, "rate_bytes_per_s": R, "eta_seconds": E, ...}``; ``bytes_*`` count the
-    data to copy (what takes the time); ``zero_bytes_*`` the ranges written as zeroes.
-    Without a path every call is a no-op.
-    """
-
-    def __init__(self, path, interval=PROGRESS_INTERVAL, **static):
-        self.path = path
-        self.interval = interval
-        self.static = static
-        self.lock = threading.Lock()
-        self.state = "running"
-        self.phase = "starting"
-        self.bytes_done = 0
-        self.bytes_total = None
-        self.zero_done = 0
-        self.zero_total = 0
-        self.message = None
-        self.started = time.time()
-        self.transfer_started = None
-        self.samples = collections.deque()
-        self._stop = threading.Event()
-        self._thread = None
-        if path:
-            directory = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(directory):
-                raise InputError("the directory of progress_file %s does not exist" % path)
-
-    def __enter__(self):
-        if self.path:
-            self.write()
-            self._thread = threading.Thread(target=self._run, name="snapchain-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close("done")
-        else:
-            self.close("failed", getattr(exc, "msg", None) or str(exc) or exc_type.__name__)
-
-    def _run(self):
-        while not self._stop.wait(self.interval):
-            try:
-                self.write()
-            except OSError:
-                pass  # progress is best effort; the restore goes on
-
-    def set_phase(self, phase, bytes_total=None, zero_total=None):
-        with self.lock:
-            self.phase = phase
-            if bytes_total is not None:
-                self.bytes_total = bytes_total
-            if zero_total is not None:
-                self.zero_total = zero_total
-            if phase == "writing" and self.transfer_started is None:
-                self.transfer_started = time.time()
-
-    def update(self, bytes_done=None, zero_done=None):
-        with self.lock:
-            if bytes_done is not None:
-                self.bytes_done = bytes_done
-            if zero_done is not None:
-                self.zero_done = zero_done
-
-    def snapshot(self, now=None):
-        """The document as it would be written now (also used by the tests)."""
-        now = time.time() if now is None else now
-        with self.lock:
-            done, total_ = self.bytes_done, self.bytes_total
-            self.samples.append((now, done))
-            while len(self.samples) > 2 and now - self.samples[0][0] > 10.0:
-                self.samples.popleft()
-            first_t, first_done = self.samples[0]
-            rate = None
-            if now - first_t >= 0.5:
-                rate = (done - first_done) / (now - first_t)
-            elif self.transfer_started and now > self.transfer_started:
-                rate = done / (now - self.transfer_started)
-            eta = None
-            if self.state == "done":
-                eta = 0
-            elif rate and total_ is not None:
-                eta = int(round(max(total_ - done, 0) / rate))
-            doc = dict(self.static)
-            doc.update(
-                state=self.state, phase=self.phase, message=self.message,
-                bytes_done=done, bytes_total=total_,
-                percent=round(100.0 * done / total_, 1) if total_ else (100.0 if self.state == "done" else 0.0),
-                zero_bytes_done=self.zero_done, zero_bytes_total=self.zero_total,
-                rate_bytes_per_s=int(rate) if rate is not None else None, eta_seconds=eta,
-                elapsed_seconds=round(now - self.started, 1), pid=os.getpid(),
-                started=iso(datetime.datetime.fromtimestamp(self.started, datetime.timezone.utc)),
-                updated=iso(datetime.datetime.fromtimestamp(now, datetime.timezone.utc)))
-        return doc
-
-    def write(self):
-        if not self.path:
-            return
-        data = (json.dumps(self.snapshot(), sort_keys=True) + "\n").encode("utf-8")
-        temp = "%s.%d.tmp" % (self.path, os.getpid())
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-
-    def close(self, state, message=None):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        with self.lock:
-            self.state = state
-            self.message = message
-            if state == "done":
-                self.phase = "done"
-                if self.bytes_total is not None:
-                    self.bytes_done = self.bytes_total
-        try:
-            self.write()
-        except OSError:
-            pass
 
 
 # --------------------------------------------------------------------------------------------

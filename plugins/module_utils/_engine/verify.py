@@ -71,6 +71,7 @@ import tempfile
 import threading
 import time
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import run_summary as _runs
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.repository import (
     MANIFEST, PARTIAL_SUFFIX, Repository, read_qcow2_header, utc_iso)
@@ -459,18 +460,29 @@ def verify(params, check_mode=False):
     _nbd.require_nbd()
     _qemu_img.QEMU_IMG.require()
     _nbd.QEMU_NBD.require()
+    run_info, run_keep = _runs.check_run_options(params)
     started = time.monotonic()
     repo = Repository(opts["chain"])
+    summary = _runs.RunSummary(repo.disk_dir, "verify", run_info, keep=0 if check_mode else run_keep)
     try:
-        with repo.lock(shared=True):
-            report = Report(repo, opts["limit"])
-            report.full = opts["ppm"] >= PPM
-            _run_checks(repo, report, opts, params, _nbd)
-            marked, would, already, cleared = _mark(repo, report, opts, check_mode)
-    except LockedError as exc:
-        raise LockedError("cannot verify %s: it is locked, %s; nothing was verified" % (opts["chain"], exc.msg),
-                          locked=True, **exc.details)
-    return _result(report, opts, marked, would, already, cleared, time.monotonic() - started, check_mode)
+        try:
+            with repo.lock(shared=True):
+                report = Report(repo, opts["limit"])
+                report.full = opts["ppm"] >= PPM
+                _run_checks(repo, report, opts, params, _nbd)
+                marked, would, already, cleared = _mark(repo, report, opts, check_mode)
+        except LockedError as exc:
+            raise LockedError("cannot verify %s: it is locked, %s; nothing was verified" % (opts["chain"], exc.msg),
+                              locked=True, **exc.details)
+    except BaseException as exc:
+        summary.finish(error=_runs.error_text(exc))
+        raise
+    result = _result(report, opts, marked, would, already, cleared, time.monotonic() - started, check_mode)
+    summary.update(**_runs.verify_fields(result))
+    warnings = []
+    result["run_summary"] = summary.finish(error=result["msg"] if result["failed"] else None, warnings=warnings)
+    result["repository_warnings"].extend(warnings)
+    return result
 
 
 def _run_checks(repo, report, opts, params, _nbd):

@@ -93,6 +93,7 @@ def repository_argument_spec():
         parallel=dict(type="int", default=8),
         nbd_cache=dict(type="str", choices=list(_qemu_img.CACHE_MODES), default="none"),
         writer=dict(type="str", choices=list(WRITERS), default="direct"),
+        progress_file=dict(type="path"),
     )
 
 

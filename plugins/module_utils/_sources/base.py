@@ -57,6 +57,7 @@ many threads) and ``size``.  LVM, ZFS and ploop sources are one more file here e
 
 from __future__ import annotations
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.progress import Progress
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import RepositoryError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import fast_digest
@@ -82,6 +83,7 @@ class Source:
     size = None
     snapshot = None  # the point's ``snapshot`` label: the snapshot name, or what the caller calls it
     writer = None  # a layer writer this source needs ("nbd"), or None: the caller's choice
+    progress = Progress(None)  # the run's progress file (backup() sets it); without one, updates are no-ops
 
     @property
     def segment_digest(self):
@@ -163,16 +165,26 @@ class Source:
         """Fill the new layer through ``sink``; the digests go into ``pending.new_digests()``,
         computed with ``pending.block_digest`` (the new point's algorithm and key)."""
         block_size = pending.repo.block_size
+        progress = self.progress
+
+        def report(stats):
+            # a digest scan covers the whole source (holes skipped, not read); a copy reads its extents
+            progress.update(bytes_done=stats.scanned or stats.bytes_read)
+
         extents = self.changed_extents(parent)
         if extents is None:
+            progress.set_phase("copying", bytes_total=self.size)  # the digest scan reads it all
             stats, digests = digest_scan(self, sink, base=base, parallel=parallel, digest=pending.block_digest,
-                                         digests=pending.new_digests(), block_size=block_size)
+                                         digests=pending.new_digests(), block_size=block_size, progress=report)
             return stats, digests, {}
         if parent:
             extents = extents + resize_edge(parent["size"], self.size, block_size)
         extents = align_to_blocks(extents, block_size, self.size)
+        data_bytes = sum(ext.length for ext in extents if ext.kind == DATA)
         if hasattr(sink, "reserve"):
-            sink.reserve(sum(ext.length for ext in extents if ext.kind == DATA))
+            sink.reserve(data_bytes)
+        progress.set_phase("copying", bytes_total=data_bytes)
         stats, digests = copy_extents(self, extents, sink, parallel=parallel, digest=pending.block_digest,
-                                      digests=pending.new_digests(), chunk=DEFAULT_CHUNK, block_size=block_size)
+                                      digests=pending.new_digests(), chunk=DEFAULT_CHUNK, block_size=block_size,
+                                      progress=report)
         return stats, digests, {}

@@ -157,6 +157,7 @@ class Stats:
         self.bytes_written = 0
         self.zero_bytes = 0
         self.extents = 0
+        self.scanned = 0  # bytes of the source covered so far (read, or skipped as holes): the progress
         self.started = time.monotonic()
         self.seconds = 0.0
 
@@ -384,7 +385,7 @@ def copy_extents(source, extents, sink, parallel=4, chunk=DEFAULT_CHUNK, block_s
 
 
 def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, block_size=65536, digest=block_digest,
-                digests=None):
+                digests=None, progress=None):
     """Read all of ``source``, write to ``target`` the blocks whose digest differs from ``base``.
 
     The copy for a source whose changed extents are unknown (a raw file or device).
@@ -397,6 +398,7 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
     sparse file) are not read: they are zero.  Returns ``(Stats, BlockDigests of
     the blocks written)``: ``digests`` (e.g. ``Pending.new_digests()``) filled run
     by run, or a new in-memory one.  ``Stats.bytes_read`` counts what was read.
+    ``progress(stats)`` is called after each chunk.
     """
     if chunk % block_size:
         raise ValueError("chunk must be a multiple of block_size")
@@ -464,18 +466,24 @@ def digest_scan(source, target, base=None, parallel=4, chunk=DEFAULT_CHUNK, bloc
         close_run(length)
         return read[0], changed, counters
 
+    def scan(offset, length):
+        return length, job(offset, length)
+
     def on_result(result):
-        length, changed, counters = result
+        covered, (length, changed, counters) = result
+        stats.scanned += covered
         for index, values in changed:
             digests.set_run(index, values)
         stats.bytes_read += length
         stats.bytes_written += counters[0]
         stats.zero_bytes += counters[1]
         stats.extents += counters[2]
+        if progress is not None:
+            progress(stats)
 
     with Window(parallel, on_result) as window:
         for offset in range(0, size, chunk):
-            window.submit(job, offset, min(chunk, size - offset))
+            window.submit(scan, offset, min(chunk, size - offset))
     stats.seconds = time.monotonic() - stats.started
     return stats, digests
 

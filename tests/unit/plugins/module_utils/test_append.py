@@ -16,6 +16,7 @@ import textwrap
 
 import pytest
 
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import load_runs
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import append as _append
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import block_runs, digest_scan
@@ -611,7 +612,12 @@ def test_malformed_diff_leaves_nothing(tmp_path, damage, message):
     assert no_partials(repo) == [] and repo.orphans() == []
     # a diff knows its changed extents: its segment's digests are the fast unkeyed ones, no key file
     assert sorted(os.listdir(repo.disk_dir)) == sorted([".lock", "manifest.json", repo.names()[0] + ".qcow2",
-                                                        repo.names()[0] + ".digests"])
+                                                        repo.names()[0] + ".digests", "runs"])
+    # a run that failed after it started left its summary (issue 14), saying it failed; a diff refused
+    # before the run started (its header) left none
+    docs, bad = load_runs(repo.disk_dir)
+    assert bad == [] and docs[0]["state"] == "ok" and len(docs) <= 2
+    assert all(d["state"] == "failed" and d["error"] for d in docs[1:])
 
 
 def test_block_runs():

@@ -64,7 +64,8 @@ class Disk:
             raw.unlink()
 
     def listing(self):
-        return sorted(os.listdir(self.chain))
+        """The disk's files, without its run summaries (runs/: a log of the runs, tested on its own)."""
+        return sorted(e for e in os.listdir(self.chain) if e != "runs")
 
     def manifest(self):
         with open(os.path.join(self.chain, "manifest.json"), "rb") as fh:
