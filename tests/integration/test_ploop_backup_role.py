@@ -153,6 +153,22 @@ def test_a_temporary_snapshot_a_killed_run_left_is_merged_by_the_next_role_run(a
     module_runner.run("ploop_snapshot", dict(descriptor=dd, root=root, name="seed-copy-2", temporary=True))
 
 
+def test_the_role_prunes_what_it_backed_up_with_its_policy(area):
+    """ploop_backup_prune with keep_last 1: after the second run the first point is merged out of the chain,
+    the kept one reads exactly the disk, and a policy that keeps nothing in particular is refused up front."""
+    dd = area["dds"]["101"]
+    named = dict(ploop_backup_containers=[{"ctid": "101"}])
+    proc = run_role(area, expect_rc=2, ploop_backup_prune=True, ploop_backup_prune_policy={"keep_last": 0}, **named)
+    assert "keeps nothing in particular" in proc.stdout and os.listdir(area["repo"]) == []
+    run_role(area, ploop_backup_prune=True, ploop_backup_prune_policy={"keep_last": 1}, **named)
+    pf.write(pf.top_file(dd), 0x66, 3 * MiB, MiB)
+    sha = pf.disk_sha(dd)
+    proc = run_role(area, ploop_backup_prune=True, ploop_backup_prune_policy={"keep_last": 1}, **named)
+    assert "1 of 1 disk(s) pruned, 0 failed; 1 point(s) removed" in proc.stdout, proc.stdout
+    (kept,) = points(area, "101")
+    assert point_sha(area, "101", kept) == sha
+
+
 RECORDER = """#!/usr/bin/python3
 # STAND-IN (a recorder, not a mock of behaviour): logs its argv, then runs the real %(tool)s.
 import json, os, sys
