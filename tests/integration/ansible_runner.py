@@ -23,7 +23,7 @@ def lab_vars(lab, **extra):
     return out
 
 
-def playbook(path, extra_vars=None, check=False, expect_rc=0, timeout=900, env=None, inventory="localhost,"):
+def playbook(path, extra_vars=None, check=False, expect_rc=0, timeout=900, env=None, inventory="localhost,", diff=False):
     """Run a playbook (name under tests/integration/playbooks or a path); return CompletedProcess.
 
     Fails the test with the whole output when the exit code is not ``expect_rc``.
@@ -35,6 +35,8 @@ def playbook(path, extra_vars=None, check=False, expect_rc=0, timeout=900, env=N
             "-e", json.dumps(extra_vars or {}), path]
     if check:
         argv.append("--check")
+    if diff:
+        argv.append("--diff")
     run_env = dict(os.environ)
     run_env.update({
         "ANSIBLE_COLLECTIONS_PATH": os.path.join(ROOT, "build", "collections"),
