@@ -445,6 +445,19 @@ def boot(dir_, image=None, memory_mib=2048, cpus=2, timeout=300, log=print):
     return vm
 
 
+def attach(dir_):
+    """The VM an earlier boot() left running in ``dir_`` (SNAPCHAIN_LAB_KEEP=1), or None."""
+    dir_ = Path(dir_).absolute()
+    try:
+        rec = json.loads((dir_ / "labvm.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not _alive(rec["pid"], dir_):
+        return None
+    vm = LabVM(dir_, rec["port"], Path(rec["key"]), rec["pid"], image_info(rec["image"]), 0.0)
+    return vm if vm.ssh(["true"], check=False, timeout=30).returncode == 0 else None
+
+
 def _wait_banner(port, pid, dir_, serial, deadline):
     """Slirp accepts TCP before sshd listens: wait for the SSH- banner itself."""
     while True:
