@@ -57,6 +57,13 @@ def check_name(name, what):
     return name
 
 
+def check_prefix(prefix):
+    try:
+        return _naming.check_prefix(_naming.DEFAULT_PREFIX if prefix is None else prefix)
+    except ValueError as exc:
+        raise InputError(str(exc))
+
+
 def parse_size(size):
     """``(option, value)`` for lvcreate: ("size", "512m") or ("extents", "20%ORIGIN"); InputError otherwise."""
     text = str(size).strip()
@@ -161,7 +168,7 @@ def validate(params):
         check_name(params["name"], "name")
         if params["name"] == lv:
             raise InputError("name %r is the origin itself" % lv)
-    prefix = _naming.check_prefix(params.get("prefix") or _naming.DEFAULT_PREFIX)
+    prefix = check_prefix(params.get("prefix"))
     if params["state"] == "absent" and not params.get("name"):
         raise InputError("state=absent needs name (the snapshot to remove)")
     size = parse_size(params["size"]) if params.get("size") is not None else None
@@ -275,7 +282,7 @@ def info(params):
     """Snapshots of ``vg/lv`` (every snapshot of the VG without ``lv``), the origin and the thin pools."""
     vg = check_name(params["vg"], "vg")
     lv = check_name(params["lv"], "lv") if params.get("lv") else None
-    prefix = _naming.check_prefix(params.get("prefix") or _naming.DEFAULT_PREFIX)
+    prefix = check_prefix(params.get("prefix"))
     rows = vg_rows(vg)
     origin = None
     if lv is not None:
