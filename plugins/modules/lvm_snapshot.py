@@ -18,7 +18,7 @@ description:
   - With O(state=present) and no O(name), a new B(managed) snapshot named O(prefix) followed by the UTC
     time (for example C(snapchain-20261207T031500Z)) is created.
   - Refuses, before changing anything, a O(name) that exists and is not a snapshot of O(lv) (also with
-    O(state=absent): only a snapshot of O(lv) is ever removed), a missing volume group or origin, a size
+    O(state=absent), where only a snapshot of O(lv) is ever removed), a missing volume group or origin, a size
     on a thin origin, and a thin snapshot while the pool is fuller (data or metadata) than
     O(thin_pool_max_percent).
   - An overflowed classic snapshot (its copy-on-write area filled up, C(lv_attr) 5th character C(I)) has
