@@ -44,7 +44,7 @@ PACKAGES = (
     "ploop",  # OpenVZ ploop 1.15: snapshot / snapshot-merge on unmounted images (issue 12)
     "qemu-system-common", "fuse3", "fdisk", "rsync",  # file-level restore: qemu-storage-daemon FUSE export, sfdisk, rsync (issue 14)
     "chromium",  # headless browser: the HTML report is rendered and screenshotted in a test (issue 14)
-    "mmdebstrap", "busybox-static", "dkms", "linux-headers-amd64", "zfs-dkms",  # lab VM: LVM + OpenZFS (issue 11, tests/lab/labvm.py)
+    "mmdebstrap", "busybox-static", "dkms", "linux-headers-amd64", "zfs-dkms", "openssh-client",  # lab VM: LVM + OpenZFS (issue 11, tests/lab/labvm.py)
 )
 # zfs-dkms is in Debian's contrib: install() adds it beside the host's main sources (issue 11).
 CONTRIB_SOURCES = Path("/etc/apt/sources.list.d/snapchain-contrib.sources")
