@@ -103,13 +103,15 @@ class LabVMFixture:
             "ANSIBLE_SSH_CONTROL_PATH_DIR": os.path.join(self.dir, "cp"),
             "ANSIBLE_LOCAL_TEMP": os.path.join(ROOT, "build", "ansible-tmp"),
         })
+        proc = None
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout, check=False)
             with open(results_file) as fh:
                 results = json.load(fh)
-        except (OSError, ValueError):
-            raise AssertionError("ansible-playbook wrote no results (rc %d)\n%s\n%s"
-                                 % (proc.returncode, proc.stdout[-3000:], proc.stderr[-3000:]))
+        except (OSError, ValueError) as exc:
+            raise AssertionError("ansible-playbook wrote no results (%s, rc %s)\n%s\n%s"
+                                 % (exc, proc.returncode if proc else None, proc.stdout[-3000:] if proc else "",
+                                    proc.stderr[-3000:] if proc else "")) from exc
         finally:
             for p in (path, results_file):
                 if os.path.exists(p):

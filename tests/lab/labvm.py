@@ -488,7 +488,7 @@ def stop(dir_):
         return False
     if _alive(pid, dir_):
         os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
+        for _tick in range(100):
             if not _alive(pid, dir_):
                 break
             time.sleep(0.1)
@@ -499,7 +499,7 @@ def stop(dir_):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build")
     for name in ("boot", "stop", "measure"):

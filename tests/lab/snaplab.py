@@ -522,7 +522,7 @@ def install():
         run([venv / "bin/pip", "install", "-r", requirements], capture=False, timeout=1800)
         stamp.write_text(digest + "\n")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import labvm  # pylint: disable=import-outside-toplevel  (stdlib only, like this file)
+    import labvm  # pylint: disable=import-outside-toplevel  # stdlib only, like this file
 
     image = labvm.build()  # the lab VM image of issue 11: cached, several minutes cold
     print(f"labvm: image {image['dir']} ({'cached' if image['cached'] else 'built'}, {image['seconds']} s)")

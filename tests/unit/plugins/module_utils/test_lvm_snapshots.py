@@ -197,3 +197,21 @@ def test_info(recorded):
     out = snaps.info(dict(vg="unitvg", lv=None, prefix="snapchain-"))
     assert out["overflowed"] == [OVERFLOWED] and [p["name"] for p in out["thin_pools"]] == ["pool"]
     assert sorted(s["name"] for s in out["snapshots"]) == sorted([OVERFLOWED, "lin1-ok", "thin1-snap"])
+
+
+def test_lvm_source_checks_the_snapshot_before_reading(recorded):
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources import lvm as lvm_source
+    assert lvm_source.parse_lv("unitvg/lin1-ok") == ("unitvg", "lin1-ok")
+    for bad in ("unitvg", "a/b/c", "/x", "unitvg/-x"):
+        with pytest.raises(InputError):
+            lvm_source.parse_lv(bad)
+    recorded.answer("lvs-snapshots", "lvs-snapshots", "lvs-snapshots", "lvs-snapshots", "lvs-snapshots")
+    assert lvm_source.snapshot_row("unitvg", "lin1-ok")["origin"] == "lin1"
+    with pytest.raises(ConflictError, match="overflowed .* not backed up"):
+        lvm_source.snapshot_row("unitvg", OVERFLOWED)
+    with pytest.raises(InputError, match="a thin snapshot, not a classic"):
+        lvm_source.snapshot_row("unitvg", "thin1-snap")
+    with pytest.raises(InputError, match="no snapshot, not a classic"):
+        lvm_source.snapshot_row("unitvg", "lin1")
+    with pytest.raises(NotFoundError):
+        lvm_source.snapshot_row("unitvg", "gone")
