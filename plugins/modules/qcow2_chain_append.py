@@ -30,7 +30,7 @@ description:
     The descriptor and the container's config are kept in the point's C(extra.ploop).
   - With O(lvm_snapshot), a classic LVM snapshot (C(VG/NAME), taken by M(snapchain.vmbackup.lvm_snapshot)) is
     read whole from its device like O(source), changed blocks found by digest scan. An overflowed snapshot
-    (C(lv_attr) 5th character C(I)) is refused, and one that overflows during the copy fails the run: no
+    (C(lv_attr) 5th character C(I)) is refused, and one that overflows during the copy fails the run, no
     point is written. The point's C(extra.lvm) names the origin LV. The snapshot is left for the caller
     to remove.
   - The layer is checked, fsynced and renamed into place before the manifest records it; any failure

@@ -37,8 +37,8 @@ def snapshot_row(vg, name):
         raise NotFoundError("LVM snapshot %s/%s not found" % (vg, name), vg=vg, name=name)
     kind = _snapshots.snapshot_type(row)
     if kind != "classic":
-        raise InputError("%s/%s is %s, not a classic LVM snapshot" % (vg, name, "a thin snapshot" if kind else
-                                                                       "no snapshot"), vg=vg, name=name)
+        what = "a thin snapshot" if kind else "no snapshot"
+        raise InputError("%s/%s is %s, not a classic LVM snapshot" % (vg, name, what), vg=vg, name=name)
     if _snapshots.is_overflowed(row):
         raise ConflictError("classic snapshot %s/%s overflowed (lv_attr %s): its content is lost, it is not backed up"
                             % (vg, name, row["lv_attr"]), vg=vg, name=name, overflowed=True, lv_attr=row["lv_attr"])
