@@ -28,6 +28,11 @@ description:
     reads only the clusters of the delta written since the last point (C(qemu-img map -f parallels));
     after the point is published the older snapshot of ours is folded away (C(ploop snapshot-delete)).
     The descriptor and the container's config are kept in the point's C(extra.ploop).
+  - With O(lvm_snapshot), a classic LVM snapshot (C(VG/NAME), taken by M(snapchain.vmbackup.lvm_snapshot)) is
+    read whole from its device like O(source), changed blocks found by digest scan. An overflowed snapshot
+    (C(lv_attr) 5th character C(I)) is refused, and one that overflows during the copy fails the run, no
+    point is written. The point's C(extra.lvm) names the origin LV. The snapshot is left for the caller
+    to remove.
   - The layer is checked, fsynced and renamed into place before the manifest records it; any failure
     leaves the repository as it was.
 author:
@@ -56,6 +61,10 @@ options:
   diff:
     description: An C(rbd diff v1) file to replay onto the latest point.
     type: path
+  lvm_snapshot:
+    description:
+      - A classic LVM snapshot to back up, as C(VG/NAME); it must be active and not overflowed.
+    type: str
   ploop_descriptor:
     description:
       - The C(DiskDescriptor.xml) of a ploop disk to back up, under O(ploop_root). Only snapshots
@@ -150,8 +159,12 @@ full_reason:
   returned: always
   type: str
 mode:
-  description: V(source), V(diff) or V(ploop).
+  description: V(source), V(diff), V(ploop) or V(lvm).
   returned: always
+  type: str
+lv:
+  description: The origin LV of the O(lvm_snapshot) backed up.
+  returned: when O(lvm_snapshot) is used
   type: str
 size:
   description: Size in bytes of the disk at the new point.
@@ -235,6 +248,7 @@ def main():
             source=dict(type="path"),
             diff=dict(type="path"),
             ploop_descriptor=dict(type="path"),
+            lvm_snapshot=dict(type="str"),
             ploop_root=dict(type="path", default="/vz/private"),
             ploop_config=dict(type="path"),
             cleanup_only=dict(type="bool", default=False),
@@ -244,8 +258,8 @@ def main():
             **repository_argument_spec(),
             **run_summary_argument_spec()
         ),
-        mutually_exclusive=[("source", "diff", "ploop_descriptor")],
-        required_one_of=[("source", "diff", "ploop_descriptor")],
+        mutually_exclusive=[("source", "diff", "ploop_descriptor", "lvm_snapshot")],
+        required_one_of=[("source", "diff", "ploop_descriptor", "lvm_snapshot")],
         supports_check_mode=True,
     )
     needs_nbd = module.params["diff"] or module.params["ploop_descriptor"] or module.params["writer"] == "nbd"

@@ -24,3 +24,5 @@ def lab():
 
 # Session-scoped test guests (booted once per run, on first use), shared by every test module.
 from guest_fixtures import guest, guest_image, guest_noagent, guest_on_rbd, libvirt_conn  # noqa: E402,F401 pylint: disable=unused-import,wrong-import-position
+# The lab VM with real LVM and OpenZFS (issue 11), booted once per run on first use.
+from labvm_fixtures import labvm  # noqa: E402,F401 pylint: disable=unused-import,wrong-import-position

@@ -44,7 +44,10 @@ PACKAGES = (
     "ploop",  # OpenVZ ploop 1.15: snapshot / snapshot-merge on unmounted images (issue 12)
     "qemu-system-common", "fuse3", "fdisk", "rsync",  # file-level restore: qemu-storage-daemon FUSE export, sfdisk, rsync (issue 14)
     "chromium",  # headless browser: the HTML report is rendered and screenshotted in a test (issue 14)
+    "mmdebstrap", "busybox-static", "dkms", "linux-headers-amd64", "zfs-dkms", "openssh-client",  # lab VM: LVM + OpenZFS (issue 11, tests/lab/labvm.py)
 )
+# zfs-dkms is in Debian's contrib: install() adds it beside the host's main sources (issue 11).
+CONTRIB_SOURCES = Path("/etc/apt/sources.list.d/snapchain-contrib.sources")
 MEMSTORE_BYTES = 8 << 30  # default; $SNAPCHAIN_LAB_MEMSTORE_GIB overrides it (memstore_bytes())
 LIBVIRT_URI = "qemu:///system"
 # Daemon name prefix -> executable; also the identity check before any signal is sent.
@@ -459,12 +462,45 @@ class Lab:
 
 # --- commands ------------------------------------------------------------------------------
 
+def _contrib_stanzas():
+    """deb822 stanzas of the host's Debian sources with Components: contrib (None if none found)."""
+    stanzas = []
+    for path in [Path("/etc/apt/sources.list.d/debian.sources")]:
+        if not path.exists():
+            continue
+        for block in path.read_text().split("\n\n"):
+            fields = dict(line.split(":", 1) for line in block.splitlines()
+                          if ":" in line and not line.startswith("#") and not line.startswith(" "))
+            fields = {k.strip(): v.strip() for k, v in fields.items()}
+            if "main" in fields.get("Components", "").split() and "security" not in fields.get("Suites", ""):
+                fields["Components"] = "contrib"
+                stanzas.append("\n".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n\n".join(stanzas) + "\n" if stanzas else None
+
+
+def _ensure_contrib():
+    """Add Debian's contrib beside the host's sources (idempotent); True when the file changed."""
+    text = _contrib_stanzas()
+    if text is None:
+        print("apt: no /etc/apt/sources.list.d/debian.sources to derive contrib from: add contrib by hand")
+        return False
+    text = "# snapchain tests/lab/snaplab.py install: Debian contrib for zfs-dkms (issue 11)\n" + text
+    if CONTRIB_SOURCES.exists() and CONTRIB_SOURCES.read_text() == text:
+        return False
+    if not CONTRIB_SOURCES.exists() and "/contrib " in run(["apt-cache", "policy"], check=False).stdout:
+        return False  # the host's own sources have contrib
+    CONTRIB_SOURCES.write_text(text)
+    print(f"apt: wrote {CONTRIB_SOURCES}")
+    return True
+
+
 def install():
+    contrib_added = _ensure_contrib()
     listed = run(["dpkg-query", "-W", "-f=${Package} ${Status}\n", *PACKAGES], check=False)
     installed = {line.split()[0] for line in listed.stdout.splitlines()
                  if line.endswith(" installed")}
     missing = [p for p in PACKAGES if p not in installed]
-    if missing:
+    if missing or contrib_added:
         print(f"apt: installing {' '.join(missing)}")
         env = {"DEBIAN_FRONTEND": "noninteractive"}
         run(["apt-get", "update"], capture=False, timeout=900, env=env)
@@ -485,6 +521,11 @@ def install():
         print(f"venv: pip install -r {requirements}")
         run([venv / "bin/pip", "install", "-r", requirements], capture=False, timeout=1800)
         stamp.write_text(digest + "\n")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import labvm  # pylint: disable=import-outside-toplevel  # stdlib only, like this file
+
+    image = labvm.build()  # the lab VM image of issue 11: cached, several minutes cold
+    print(f"labvm: image {image['dir']} ({'cached' if image['cached'] else 'built'}, {image['seconds']} s)")
     return 0
 
 

@@ -38,10 +38,11 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.backup import backup, tidy
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.diff_file import DiffFileSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.ploop import PloopSource
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.lvm import LvmSnapshotSource, parse_lv
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
 
 MAX_PARALLEL = 64
-SOURCES = ("source", "diff", "ploop_descriptor")
+SOURCES = ("source", "diff", "ploop_descriptor", "lvm_snapshot")
 
 
 def check_params(params):
@@ -98,6 +99,12 @@ def append_point(params, check_mode=False):
             _check_size(src.size, "ploop disk %s" % src.descriptor)
             result = backup(repo, src, extra=dict(mode="ploop"), **run)
             result.update(mode="ploop", size=src.size, snapshot=src.snapshot, descriptor=src.descriptor)
+    elif params.get("lvm_snapshot"):
+        vg, name = parse_lv(params["lvm_snapshot"])
+        with LvmSnapshotSource(vg, name) as src:
+            _check_size(src.size, "LVM snapshot %s" % params["lvm_snapshot"])
+            result = backup(repo, src, extra=dict(mode="lvm", lvm=dict(vg=vg, lv=src.origin)), **run)
+            result.update(mode="lvm", size=src.size, snapshot=name, lv=src.origin)
     elif params.get("source"):
         with RawSource(params["source"]) as src:
             _check_size(src.size, "source %s" % params["source"])

@@ -78,6 +78,8 @@ def recorded(monkeypatch):
     runs = RecordedRuns()
     monkeypatch.setattr(command, "_RUN", runs)
     for tool, path in ((qemu_img.QEMU_IMG, "/usr/bin/qemu-img"), (qemu_nbd.QEMU_NBD, "/usr/bin/qemu-nbd"),
-                       (lvm.LVS, "/usr/sbin/lvs"), (ploop.PLOOP, "/usr/sbin/ploop")):
+                       (lvm.LVS, "/usr/sbin/lvs"), (ploop.PLOOP, "/usr/sbin/ploop"),
+                       (lvm.LVCREATE, "/usr/sbin/lvcreate"), (lvm.LVCHANGE, "/usr/sbin/lvchange"),
+                       (lvm.LVREMOVE, "/usr/sbin/lvremove")):
         monkeypatch.setattr(tool, "_path", path)
     return runs
