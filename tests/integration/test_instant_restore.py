@@ -201,6 +201,20 @@ def test_refusals(lab, backed_up_vm, tmp_path):
     assert not res["changed"]
 
 
+def test_instant_restore_playbook_under_check_and_diff_boots_nothing(lab, libvirt_conn, backed_up_vm, tmp_path):
+    vm = backed_up_vm
+    name = "snaptest-ir-" + uuid.uuid4().hex[:6]
+    before = tree_digests(vm["chains"].values())
+    proc = playbook(os.path.join(ROOT, "playbooks", "instant_restore.yml"), dict(
+        instant_restore_uri=lab.libvirt_uri, instant_restore_name=name,
+        instant_restore_disks=[dict(target=t, chain=c) for t, c in sorted(vm["chains"].items())],
+        instant_restore_scratch_dir=str(tmp_path / "scratch"), instant_restore_network="none"),
+        inventory=str(vm["inventory"]), check=True, diff=True)
+    assert "changed: [" in proc.stdout  # it says it would boot the clone
+    assert name not in [d.name() for d in libvirt_conn.listAllDomains()]
+    assert not (tmp_path / "scratch").exists() and tree_digests(vm["chains"].values()) == before
+
+
 def test_define_only_on_restored_disks(lab, libvirt_conn, backed_up_vm, tmp_path):
     vm = backed_up_vm
     restored = tmp_path / "vda.raw"

@@ -174,6 +174,25 @@ def test_whole_vm_restore_every_disk_from_one_point_and_the_definition(lab, libv
             lab.rbd("rm", "%s/%s" % (lab.pool, target), check=False)
 
 
+def test_check_and_diff_mode_write_nothing_and_leave_the_guest_running(lab, two_disk_guest, tmp_path):
+    guest = two_disk_guest
+    snaps = dict((i, lab.rbd("snap", "ls", "%s/%s" % (lab.pool, i)).stdout) for i in guest["images"])
+    inventory = tmp_path / "inventory.yml"
+    inventory.write_text("hypervisors:\n  hosts:\n    localhost:\n      ansible_connection: local\n")
+    variables = dict(
+        vm_backup_domains=[guest["name"]], vm_backup_repository=str(tmp_path / "repo"),
+        vm_backup_ceph_conf=lab.ceph_conf, vm_backup_ceph_client=lab.backup_client,
+        vm_backup_keyring=lab.backup_keyring, vm_backup_freeze_mode="agent", vm_backup_on_freeze_failure="fail",
+        vm_backup_freeze_state_dir=str(tmp_path / "run"), vm_backup_report=str(tmp_path / "report.json"))
+    proc = playbook(os.path.join(ROOT, "playbooks", "vm_backup.yml"), variables, inventory=str(inventory),
+                    check=True, diff=True)
+    assert "FAILED - RETRYING" not in proc.stdout
+    assert not (tmp_path / "report.json").exists()
+    assert not any(os.path.exists(os.path.join(d, "manifest.json")) for d, _s, _f in os.walk(str(tmp_path / "repo")))
+    assert dict((i, lab.rbd("snap", "ls", "%s/%s" % (lab.pool, i)).stdout) for i in guest["images"]) == snaps
+    assert guest["dom"].isActive() and agent(guest["dom"], "guest-fsfreeze-status") == "thawed"
+
+
 def test_shut_off_guest_is_backed_up_without_freezing(lab, two_disk_guest, tmp_path):
     """Last in this module: it powers the guest off (the fixture only tears it down afterwards)."""
     dom = two_disk_guest["dom"]
