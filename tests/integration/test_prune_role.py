@@ -69,7 +69,7 @@ def test_role_prunes_every_disk_with_a_summary_and_fails_for_a_locked_one(tmp_pa
                for line in lines), lines  # kept 2 (5th, 6th), removed 1-4, the 4th merged into the 5th
     assert any(line.startswith("FAILED ") and line.endswith(second) for line in lines), lines
     assert "another run reads %s" % second in proc.stdout
-    assert "1 of 2 disk(s) could not be pruned" in proc.stdout
+    assert "1 of 2 disk(s) and 0 of 0 diff set(s) could not be pruned" in proc.stdout
     assert Repository(first).load(verify=True).names() == NAMES[4:]
     for name in NAMES[4:]:
         assert point_sha(first, name, tmp_path) == first_content[name]
@@ -90,3 +90,29 @@ def test_role_keeps_everything_without_a_rule_and_fails_clearly_without_disks(tm
     (tmp_path / "empty").mkdir()
     proc = playbook("prune_role.yml", dict(prune_repository=str(tmp_path / "empty")), expect_rc=2)
     assert "No disk repository (a directory holding manifest.json) under %s" % (tmp_path / "empty") in proc.stdout
+
+
+def test_role_prunes_sets_of_rbd_diff_files(tmp_path):
+    """prune_diff_directories alone: each set pruned by rbd_diff_prune with the role's policy, a summary line
+    per set; check mode removes nothing."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import DiffWriter
+
+    snaps = ["snapchain-2026110%dT010000Z" % d for d in range(1, 5)]
+    sets = []
+    for name in ("vm1-disk0", "vm2-disk0"):
+        directory = tmp_path / "diffs" / name
+        directory.mkdir(parents=True)
+        for i, snap in enumerate(snaps):
+            with open(directory / ("%d.rbdiff" % i), "wb") as f:
+                writer = DiffWriter(f)
+                writer.header(size=1 << 20, from_snap=snaps[i - 1] if i % 2 else None, to_snap=snap)
+                writer.write(0, os.urandom(4096))
+                writer.end()
+        sets.append(str(directory))
+    policy = dict(prune_diff_directories=sets, prune_keep_last=1, prune_repository=str(tmp_path / "none"))
+    proc = playbook("prune_role.yml", policy, check=True)
+    assert "%s: 2 file(s) kept, 2 removed" % sets[0] in proc.stdout and "(check mode: nothing removed)" in proc.stdout
+    assert all(len(os.listdir(d)) == 4 for d in sets)
+    proc = playbook("prune_role.yml", policy)
+    assert "%s: 2 file(s) kept, 2 removed" % sets[1] in proc.stdout
+    assert all(sorted(os.listdir(d)) == ["2.rbdiff", "3.rbdiff"] for d in sets)
