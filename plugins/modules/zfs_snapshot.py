@@ -20,19 +20,27 @@ description:
     Holds of other tags are never released.
   - O(keep_managed) destroys our managed snapshots of O(dataset) beyond the newest N (by C(createtxg));
     snapshots whose name does not parse back as O(prefix) + UTC time are never touched by it.
+  - A keep-* policy (O(keep_last) ... O(keep_yearly), O(timezone), O(protected)) prunes our managed snapshots
+    of O(dataset) instead, each dated by the UTC time in its name, with the rules of
+    M(snapchain.vmbackup.qcow2_chain_prune); RV(decisions) lists each of them with keep or remove and the
+    rule, and RV(bytes_freed) what the destroys free, from C(zfs destroy -nvp) (also in check mode).
   - Before destroying a snapshot we hold, our hold is released (and put back if the destroy fails), so
     no hold of ours is ever left behind on a snapshot that is gone, nor a snapshot of ours behind a hold.
   - Refuses, before changing anything, to destroy a snapshot that has clones or a hold of another tag
     (C(zfs destroy -R) is never run), a missing dataset, and invalid names.
 author:
   - snapchain developers (@snapchain)
+extends_documentation_fragment:
+  - snapchain.vmbackup.retention
 attributes:
   check_mode:
     support: full
     description: Reports what would be created, held, released or destroyed, without running zfs to change anything.
   diff_mode:
     support: full
-    description: Shows the snapshots (full names) and which of them carry our hold, before and after.
+    description:
+      - Shows the snapshots (full names) and which of them carry our hold, before and after; with a keep-* policy,
+        each snapshot of ours with keep or remove and why, and the bytes freed.
 options:
   dataset:
     description: The ZFS filesystem or volume (C(pool/path)), without C(@).
@@ -42,7 +50,7 @@ options:
     description:
       - The snapshot name (the part after C(@)).
       - Omit with O(state=present) to create a new managed snapshot. Required with O(state=absent) unless
-        O(keep_managed) is given.
+        O(keep_managed) or a keep-* policy is given.
     type: str
   prefix:
     description: Prefix of managed snapshot names.
@@ -80,6 +88,11 @@ options:
         (ordered by C(createtxg)), with their descendants' of the same name when O(recursive).
     type: int
     aliases: [keep]
+  protected:
+    description: Names of our snapshots a keep-* policy never removes.
+    type: list
+    elements: str
+    default: []
 """
 
 EXAMPLES = r"""
@@ -95,6 +108,13 @@ EXAMPLES = r"""
     dataset: tank/backups
     name: before-upgrade
     recursive: true
+
+- name: Prune our snapshots of a backup dataset - a week of dailies, four weeklies
+  snapchain.vmbackup.zfs_snapshot:
+    dataset: backup/mirror
+    state: absent
+    keep_daily: 7
+    keep_weekly: 4
 
 - name: Destroy it (our hold released first; refused if cloned or held by someone else)
   snapchain.vmbackup.zfs_snapshot:
@@ -195,6 +215,31 @@ snapshots:
     managed:
       description: Whether the name is a managed name for O(prefix).
       type: bool
+bytes_freed:
+  description: The bytes the destroys free (or would), as C(zfs destroy -nvp) reports them before they run.
+  returned: always
+  type: int
+decisions:
+  description: With a keep-* policy, one entry per snapshot of ours, newest first; empty otherwise.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    name:
+      description: The snapshot name.
+      type: str
+    action:
+      description: V(keep) or V(remove).
+      type: str
+    rule:
+      description: The rule that keeps it (V(keep_daily)...), V(protected), or null.
+      type: str
+    period:
+      description: The rule's period it falls in (V(2026/12/07)), or null.
+      type: str
+    reason:
+      description: A sentence saying why.
+      type: str
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -214,6 +259,14 @@ def main():
             hold=dict(type="bool"),
             hold_tag=dict(type="str", default=DEFAULT_TAG),
             keep_managed=dict(type="int", aliases=["keep"]),
+            keep_last=dict(type="int"),
+            keep_hourly=dict(type="int"),
+            keep_daily=dict(type="int"),
+            keep_weekly=dict(type="int"),
+            keep_monthly=dict(type="int"),
+            keep_yearly=dict(type="int"),
+            timezone=dict(type="str", default="UTC"),
+            protected=dict(type="list", elements="str", default=[]),
         ),
         supports_check_mode=True,
     )

@@ -46,6 +46,7 @@ ZFS = Tool("zfs", {
     "scripted": as_fixed("-H", "-p"),  # tab-separated, no header, exact numbers
     "no_header": as_fixed("-H"),  # zfs holds: 2.1 has no -p (its time stays text)
     "recursive": as_flag("-r"),
+    "dry_run": as_fixed("-n", "-v", "-p"),  # zfs destroy: what it would destroy, and "reclaim<TAB>bytes"
     "depth": as_opt_val("-d"),
     "types": as_func(lambda types: ["-t", ",".join(types)]),
     "fields": as_func(lambda fields: ["-o", ",".join(fields)]),
@@ -192,6 +193,20 @@ def destroy(full_name, recursive=False):
     if "@" not in full_name:
         raise InputError("zfs destroy is only ever run on a snapshot here, not on %r" % full_name)
     return ZFS.run("destroy recursive names", timeout=TIMEOUT, recursive=recursive or None, names=[full_name])
+
+
+def destroy_estimate(dataset, names, recursive=False):
+    """The bytes ``zfs destroy`` of ``dataset@name1,name2,...`` would free (``-n -v -p``: nothing is destroyed).
+    Snapshots share blocks, so this is the space of them all together, not a sum of their ``used``."""
+    if not names:
+        return 0
+    proc = ZFS.run("destroy dry_run recursive names", timeout=TIMEOUT, recursive=recursive or None,
+                   names=["%s@%s" % (check_dataset(dataset), ",".join(names))])
+    for line in proc.stdout.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 2 and fields[0] == "reclaim" and fields[1].isdigit():
+            return int(fields[1])
+    raise CommandError("zfs destroy -nvp printed no reclaim line", stdout=proc.stdout[-2000:])
 
 
 def hold(tag, full_names):

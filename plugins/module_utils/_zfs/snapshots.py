@@ -18,6 +18,11 @@ Everything is read from ``zfs list -H -p`` and ``zfs holds -H`` (``_cli.zfs``). 
 - Our own hold (tag ``snapchain`` unless told otherwise) is released right before we destroy a
   snapshot we hold, and put back if the destroy then fails: leaked holds are what users of other
   snapshot tools complain about most.
+- A keep-* policy (``keep_last`` ... ``keep_yearly``, ``timezone``, ``protected``: the rules and the
+  code of qcow2_chain_prune, ``_repository/retention.py``) prunes our snapshots of the dataset the
+  same way, each dated by the UTC time of its name; what it removes is listed with the rule that
+  would have kept it, and ``zfs destroy -nvp`` says how many bytes that frees (snapshots share
+  blocks: their ``used`` does not add up).
 - ``recursive`` is ``zfs snapshot -r`` (one transaction group for the dataset and every
   descendant) and ``zfs destroy -r`` (the same name in every descendant); holds are put on and
   released from each snapshot of the name by its full name, so that running twice changes nothing.
@@ -29,6 +34,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import zfs
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CommandError, ConflictError, InputError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import retention
 
 STATES = ("present", "absent")
 DEFAULT_TAG = "snapchain"
@@ -80,13 +86,35 @@ def validate(params):
     tag = _zfs.check_tag(params.get("hold_tag") or DEFAULT_TAG)
     keep = params.get("keep_managed")
     state = params.get("state") or "present"
+    policy = policy_of(params)
     if keep is not None and keep < 1:
         raise InputError("keep_managed must be >= 1 (the newest managed snapshot is the next incremental's base)")
-    if state == "absent" and name is None and keep is None:
-        raise InputError("state=absent needs name (the snapshot to destroy) or keep_managed (to prune ours)")
+    if keep is not None and policy:
+        raise InputError("give keep_managed (the newest N) or a keep_* policy, not both")
+    if policy and not retention.keeps_something(policy):
+        raise InputError("no keep_* rule above 0: a prune would keep every snapshot; give a policy")
+    if params.get("protected") and not policy:
+        raise InputError("protected applies to a keep_* policy")
+    if state == "absent" and name is None and keep is None and not policy:
+        raise InputError("state=absent needs name (the snapshot to destroy), keep_managed or a keep_* policy (to "
+                         "prune ours)")
     if state == "absent" and params.get("hold"):
         raise InputError("hold=true makes no sense with state=absent (our hold is released before a destroy)")
     return dataset, name, prefix, tag, keep, state
+
+
+def policy_of(params):
+    """The keep-* rules given (``{}`` when none)."""
+    return retention.check_policy(dict((r, params.get(r)) for r in retention.RULE_NAMES if params.get(r)))
+
+
+def decide(snaps, policy, params):
+    """``retention.select`` over our snapshots ``snaps`` (dicts with ``name``), dated by their names."""
+    protected = set(params.get("protected") or [])
+    prefix = check_prefix(params.get("prefix"))
+    points = [dict(name=s["name"], time=_naming.parse_managed(s["name"], prefix), protected=s["name"] in protected)
+              for s in snaps]
+    return retention.select(points, policy, params.get("timezone") or retention.DEFAULT_TIMEZONE)
 
 
 def plan(datasets, snaps, params):
@@ -98,7 +126,7 @@ def plan(datasets, snaps, params):
     dataset, name, prefix, tag, keep, state = validate(params)
     want_hold = params.get("hold")
     by_full = dict((s["full_name"], s) for s in snaps)
-    out = dict(target=name, create=False, hold=[], release=[], destroy=[])
+    out = dict(target=name, create=False, hold=[], release=[], destroy=[], decisions=[])
     if state == "present":
         target = name or _naming.unique_managed_name(set(s["name"] for s in snaps), prefix)
         out["target"] = target
@@ -116,12 +144,18 @@ def plan(datasets, snaps, params):
             out["release"] = [f for f in fulls if (by_full.get(f) or {}).get("held")]
     elif any(s["name"] == name for s in snaps):
         out["destroy"].append(name)
-    if keep is not None:
+    policy = policy_of(params)
+    if keep is not None or policy:
         top = [s for s in snaps if s["dataset"] == dataset and s["managed"] and s["name"] not in out["destroy"]]
         if out["create"] and _naming.is_managed(out["target"], prefix):
             top.append(dict(name=out["target"], full_name="%s@%s" % (dataset, out["target"]), createtxg=None))
         top.sort(key=_order)
-        out["destroy"].extend(s["name"] for s in top[:-keep])
+        if keep is not None:
+            out["destroy"].extend(s["name"] for s in top[:-keep])
+        else:
+            out["decisions"] = decide(top, policy, params)
+            removed = set(d["name"] for d in out["decisions"] if d["action"] == retention.REMOVE)
+            out["destroy"].extend(s["name"] for s in top if s["name"] in removed)
     return out
 
 
@@ -153,6 +187,9 @@ def ensure(params, check_mode=False):
     victims = victims_of(before, todo["destroy"])
     refuse_destroy(victims, tag)
     changed = bool(todo["create"] or todo["hold"] or todo["release"] or todo["destroy"])
+    # what the destroys free, asked of ZFS before they run (the snapshots that pre-exist: a planned one is new)
+    freed = _zfs.destroy_estimate(dataset, [n for n in todo["destroy"] if any(s["name"] == n for s in before)],
+                                  recursive=recursive)
     if changed and not check_mode:
         apply(dataset, todo, victims, recursive, tag)
         _datasets, after = read(dataset, recursive, prefix, tag)
@@ -164,8 +201,8 @@ def ensure(params, check_mode=False):
     result = dict(changed=changed, dataset=dataset, type=datasets.get(dataset), snapshot=target, full_name=full,
                   created=todo["create"], destroyed=sorted(s["full_name"] for s in victims), held=todo["hold"],
                   released=sorted(set(todo["release"]) | set(s["full_name"] for s in victims if s["held"])),
-                  hold_tag=tag, snapshots=after,
-                  diff=dict(before=_diff_side(before), after=_diff_side(after)))
+                  hold_tag=tag, snapshots=after, bytes_freed=freed, decisions=todo["decisions"],
+                  diff=dict(before=_diff_side(before), after=_diff_side(after, todo["decisions"], freed)))
     if mine:
         result["info"] = mine[0]
     return result
@@ -214,8 +251,12 @@ def simulate(snaps, datasets, todo, dataset, prefix, tag):
     return sorted(out, key=_order)
 
 
-def _diff_side(snaps):
-    return dict(snapshots=[s["full_name"] for s in snaps], held=[s["full_name"] for s in snaps if s["held"]])
+def _diff_side(snaps, decisions=None, freed=None):
+    out = dict(snapshots=[s["full_name"] for s in snaps], held=[s["full_name"] for s in snaps if s["held"]])
+    if decisions:  # every snapshot of ours the policy judged, and why: what diff mode shows of a prune
+        out["policy"] = ["%s: %s (%s)" % (d["name"], d["action"], d["reason"]) for d in decisions]
+        out["bytes_freed"] = freed
+    return out
 
 
 # --- zfs_snapshot_info -----------------------------------------------------------------------

@@ -126,7 +126,8 @@ def test_keep_orders_ours_by_createtxg_and_leaves_others():
     snaps_ = [_snap("snapchain-20261201T000000Z", 10), _snap("manual", 11), _snap("snapchain-20261203T000000Z", 12),
               _snap("snapchain-20200101T000000Z", 13), _snap("other-20200101T000000Z", 14)]
     todo = snaps.plan(DATASETS, snaps_, params(state="absent", keep_managed=2))
-    assert todo == dict(target=None, create=False, hold=[], release=[], destroy=["snapchain-20261201T000000Z"])
+    assert todo == dict(target=None, create=False, hold=[], release=[], destroy=["snapchain-20261201T000000Z"],
+                        decisions=[])
     todo = snaps.plan(DATASETS, snaps_, params(keep_managed=1, hold=True))
     assert todo["create"] and todo["target"] > "snapchain-20261203T000000Z"
     assert todo["hold"] == ["labzpool/unit/vol@" + todo["target"], "labzpool/unit@" + todo["target"]]  # sorted
@@ -164,5 +165,38 @@ def test_validation():
     for kw, msg in ((dict(state="absent"), "needs name"), (dict(keep_managed=0), ">= 1"),
                     (dict(state="absent", name="x", hold=True), "makes no sense"), (dict(prefix="-x"), "prefix"),
                     (dict(dataset="tank/a@b"), "dataset name")):
+        with pytest.raises(InputError, match=msg):
+            snaps.validate(params(**kw))
+
+
+def test_a_keep_policy_prunes_ours_by_the_time_in_their_names():
+    # two a day for four days, and two snapshots of others that the policy never sees
+    names = ["snapchain-202612%02dT%02d0000Z" % (day, hour) for day in (1, 2, 3, 4) for hour in (3, 15)]
+    snaps_ = [_snap(n, 10 + i) for i, n in enumerate(names)] + [_snap("manual", 5), _snap("other-20261201T000000Z", 6)]
+    todo = snaps.plan(DATASETS, snaps_, params(state="absent", keep_last=1, keep_daily=2,
+                                               protected=["snapchain-20261201T030000Z"]))
+    decided = dict((d["name"], (d["action"], d["rule"])) for d in todo["decisions"])
+    assert decided == {
+        "snapchain-20261204T150000Z": ("keep", "keep_last"),
+        "snapchain-20261204T030000Z": ("remove", None),  # its day is kept by keep_last's point already
+        "snapchain-20261203T150000Z": ("keep", "keep_daily"),
+        "snapchain-20261203T030000Z": ("remove", None),
+        "snapchain-20261202T150000Z": ("keep", "keep_daily"),
+        "snapchain-20261202T030000Z": ("remove", None),
+        "snapchain-20261201T150000Z": ("remove", None),
+        "snapchain-20261201T030000Z": ("keep", "protected"),
+    }
+    assert sorted(todo["destroy"]) == sorted(n for n, (a, _r) in decided.items() if a == "remove")
+    # a new snapshot in the same run counts as the newest point
+    todo = snaps.plan(DATASETS, snaps_, params(keep_last=2))
+    assert todo["create"] and [d["name"] for d in todo["decisions"] if d["action"] == "keep"] == [
+        todo["target"], "snapchain-20261204T150000Z"]
+
+
+def test_policy_validation():
+    for kw, msg in ((dict(state="absent", keep_daily=0), "needs name"),
+                    (dict(state="absent", keep_managed=2, keep_daily=3), "not both"),
+                    (dict(state="absent", keep_daily=-1), ">= 0"),
+                    (dict(state="absent", name="x", protected=["y"]), "protected applies")):
         with pytest.raises(InputError, match=msg):
             snaps.validate(params(**kw))
