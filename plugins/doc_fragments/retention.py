@@ -20,7 +20,7 @@ options:
     description: Keep the newest point of each of the last N days that have points.
     type: int
   keep_weekly:
-    description: Keep the newest point of each of the last N ISO weeks that have points.
+    description: Keep the newest point of each of the last N ISO weeks (Monday to Sunday) that have points.
     type: int
   keep_monthly:
     description: Keep the newest point of each of the last N months that have points.
@@ -29,11 +29,12 @@ options:
     description: Keep the newest point of each of the last N years that have points.
     type: int
   timezone:
-    description: The IANA zone in which periods are counted.
+    description:
+      - The time zone in which hours, days, weeks, months and years are counted (an IANA name such as
+        C(Europe/Berlin)). A point's time is the UTC time of its name.
     type: str
     default: UTC
 notes:
   - The keep-* rules are those of M(snapchain.vmbackup.qcow2_chain_prune) (Proxmox Backup Server's prune), which
-    documents them with a worked example. A count of 0 is the same as none; a policy whose every count is 0 or
-    unset is refused, since it would keep everything.
+    documents them with a worked example. A count of 0 is the same as none.
 """

@@ -118,6 +118,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.diff_prune import prune
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import retention
 
 
 def main():
@@ -126,14 +127,7 @@ def main():
             directory=dict(type="path", required=True),
             pattern=dict(type="str", default="*"),
             prefix=dict(type="str", default="snapchain-"),
-            keep_last=dict(type="int"),
-            keep_hourly=dict(type="int"),
-            keep_daily=dict(type="int"),
-            keep_weekly=dict(type="int"),
-            keep_monthly=dict(type="int"),
-            keep_yearly=dict(type="int"),
-            timezone=dict(type="str", default="UTC"),
-            protected=dict(type="list", elements="str", default=[]),
+            **retention.argument_spec(),
         ),
         supports_check_mode=True,
     )

@@ -246,6 +246,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._zfs.snapshots import DEFAULT_TAG, STATES, ensure
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import retention
 
 
 def main():
@@ -259,14 +260,7 @@ def main():
             hold=dict(type="bool"),
             hold_tag=dict(type="str", default=DEFAULT_TAG),
             keep_managed=dict(type="int", aliases=["keep"]),
-            keep_last=dict(type="int"),
-            keep_hourly=dict(type="int"),
-            keep_daily=dict(type="int"),
-            keep_weekly=dict(type="int"),
-            keep_monthly=dict(type="int"),
-            keep_yearly=dict(type="int"),
-            timezone=dict(type="str", default="UTC"),
-            protected=dict(type="list", elements="str", default=[]),
+            **retention.argument_spec(),
         ),
         supports_check_mode=True,
     )
