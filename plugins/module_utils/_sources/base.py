@@ -158,6 +158,10 @@ class Source:
     def zero_extents(self, offset, length):
         return []
 
+    def after_copy(self):
+        """Raise TransferError when what was just read is not the moment the source stands for (a raw
+        source that changed size, a classic LVM snapshot that overflowed).  Default: nothing to check."""
+
     def compare_problem(self, point):
         return None
 

@@ -75,3 +75,7 @@ class LvmSnapshotSource(RawSource):
         except ConflictError as exc:
             raise TransferError("classic snapshot %s/%s overflowed during the backup: no point written (%s)"
                                 % (self.vg, self.name, exc.msg), vg=self.vg, name=self.name, overflowed=True)
+
+    def after_copy(self):
+        super().after_copy()
+        self._check_after()

@@ -80,10 +80,13 @@ class RawSource(Source):
 
     def copy(self, sink, parent, base, pending, parallel):
         out = super().copy(sink, parent, base, pending, parallel)
+        self.after_copy()
+        return out
+
+    def after_copy(self):
         if self.current_size() != self.size:
             raise TransferError("source %s changed size during the backup (%d, now %d bytes): not a snapshot?"
                                 % (self.path, self.size, self.current_size()), path=self.path)
-        return out
 
     def zero_extents(self, offset, length):
         """The holes of a sparse file (SEEK_DATA/SEEK_HOLE): the digest scan does not read them.  A block
