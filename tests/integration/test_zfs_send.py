@@ -123,11 +123,11 @@ def test_receive_killed_half_way_is_resumed_from_its_token(labvm, src):
     labvm.module("zfs_send", dict(snapshot=vol + "@a", dest=tmp + "/a.zfs"))
     target = vol + "-k"
     # A real zfs receive -s, SIGKILLed while its sender has delivered 3 MB of the stream.
-    killed = labvm.sh("mkfifo {t}/fifo; (head -c 3000000 {t}/a.zfs; sleep 60) > {t}/fifo & "
-                      "zfs receive -s -u {k} < {t}/fifo & rp=$!; sleep 5; kill -9 $rp; wait $rp; echo rc=$?"
-                      .format(t=tmp, k=target), check=False)
+    # The sender stays alive (exec sleep: its pid is the subshell's), so the receive waits for more until killed.
+    killed = labvm.sh("mkfifo {t}/fifo; (head -c 3000000 {t}/a.zfs; exec sleep 60) > {t}/fifo 2>/dev/null & wp=$!; "
+                      "zfs receive -s -u {k} < {t}/fifo & rp=$!; sleep 5; kill -9 $rp; wait $rp; echo rc=$?; "
+                      "kill $wp; rm -f {t}/fifo".format(t=tmp, k=target), check=False)
     assert "rc=137" in killed.stdout, killed
-    labvm.sh("pkill -f 'sleep 60' || true; rm -f %s/fifo" % tmp, check=False)
     token = labvm.ssh(["zfs", "get", "-H", "-o", "value", "receive_resume_token", target]).stdout.strip()
     assert token.startswith("1-")
 
