@@ -1,7 +1,8 @@
 # -*- coding: utf-8 -*-
 # Copyright: snapchain developers
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""The OpenZFS command line (``zfs list``, ``get``, ``snapshot``, ``destroy``, ``hold``, ``release``, ``holds``).
+"""The OpenZFS command line (``zfs list``, ``get``, ``snapshot``, ``destroy``, ``hold``, ``release``, ``holds``,
+``send``, ``receive``).
 
 PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
@@ -20,9 +21,10 @@ option.  A hold tag may not start with ``-`` for the same reason (``zfs hold TAG
 from __future__ import annotations
 
 import re
+import subprocess
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.command import (
-    Tool, as_fixed, as_flag, as_func, as_opt_val, as_value, as_values, command_error)
+    Tool, as_fixed, as_flag, as_func, as_opt_val, as_value, as_values, command_error, run_command, tail)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CommandError, InputError, NotFoundError)
 
@@ -43,6 +45,17 @@ ZFS = Tool("zfs", {
     "hold": as_fixed("hold"),
     "release": as_fixed("release"),
     "holds": as_fixed("holds"),
+    "send": as_fixed("send"),
+    "receive": as_fixed("receive"),
+    "dry_run_verbose": as_fixed("-n", "-v", "-P"),
+    "raw": as_flag("-w"),
+    "incremental": as_opt_val("-i"),  # from one snapshot or bookmark to the snapshot
+    "incremental_all": as_opt_val("-I"),  # with every snapshot between (a compound stream)
+    "resume_token": as_opt_val("-t"),
+    "resumable": as_flag("-s"),  # an interrupted receive keeps its state and a receive_resume_token
+    "force": as_flag("-F"),
+    "unmounted": as_flag("-u"),
+    "abort_partial": as_flag("-A"),
     "scripted": as_fixed("-H", "-p"),  # tab-separated, no header, exact numbers
     "no_header": as_fixed("-H"),  # zfs holds: 2.1 has no -p (its time stays text)
     "recursive": as_flag("-r"),
@@ -217,3 +230,58 @@ def hold(tag, full_names):
 def release(tag, full_names):
     """``zfs release TAG SNAPSHOT...``."""
     return ZFS.run("release tag names", timeout=TIMEOUT, tag=check_tag(tag), names=list(full_names))
+
+
+# --- streams -----------------------------------------------------------------------------------
+
+def send_argv(snapshot=None, base=None, intermediates=False, raw=False, resume_token=None):
+    """``zfs send [-w] [-i BASE | -I BASE] SNAPSHOT``, or ``zfs send -t TOKEN`` (the token says the rest)."""
+    if resume_token is not None:
+        return ZFS.argv("send resume_token", resume_token=resume_token)
+    return ZFS.argv("send raw incremental incremental_all names", raw=raw or None,
+                    incremental=None if intermediates else base, incremental_all=base if intermediates else None,
+                    names=[snapshot])
+
+
+def resume_token_contents(token):
+    """``zfs send -n -v -P -t TOKEN``: the token's fields (``toname``, ``toguid`` as a decimal string, ``bytes``...);
+    InputError for a token zfs cannot read."""
+    argv = ZFS.argv("send dry_run_verbose resume_token", resume_token=token)
+    proc = run_command(argv, check=False, timeout=TIMEOUT, env=ZFS.env)
+    if proc.returncode != 0:
+        raise InputError("resume_token is not one zfs can resume from: %s" % tail(proc.stderr or proc.stdout, 1),
+                         cmd=argv, rc=proc.returncode)
+    out = {}
+    for line in (proc.stdout + "\n" + proc.stderr).splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if sep and key in ("object", "offset", "bytes", "toguid", "fromguid", "toname"):
+            out[key] = str(int(value, 16)) if key.endswith("guid") and value.startswith("0x") else value
+    return out
+
+
+def _stream(argv, stdin, stdout, what):
+    """Run a ``zfs send`` / ``zfs receive`` with its stream on a file; CommandError with stderr on failure."""
+    proc = ZFS.spawn(argv, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    _out, err = proc.communicate()
+    err = (err or b"").decode("utf-8", "replace")
+    if proc.returncode != 0:
+        raise command_error("%s failed (rc=%d): %s" % (what, proc.returncode, tail(err)), argv, rc=proc.returncode,
+                            stderr=err)
+    return err
+
+
+def send_to(fileobj, **kwargs):
+    """``zfs send ...`` (``send_argv``) with its stream written to ``fileobj`` (an open binary file)."""
+    return _stream(send_argv(**kwargs), subprocess.DEVNULL, fileobj, "zfs send")
+
+
+def receive_from(fileobj, target, resumable=True, force=False, mount=False):
+    """``zfs receive [-s] [-F] [-u] TARGET`` with the stream read from ``fileobj``."""
+    argv = ZFS.argv("receive resumable force unmounted names", resumable=resumable or None, force=force or None,
+                    unmounted=None if mount else True, names=[target])
+    return _stream(argv, fileobj, subprocess.DEVNULL, "zfs receive")
+
+
+def abort_receive(target):
+    """``zfs receive -A TARGET``: discard the state an interrupted ``receive -s`` kept."""
+    return ZFS.run("receive abort_partial names", timeout=TIMEOUT, abort_partial=True, names=[target])
