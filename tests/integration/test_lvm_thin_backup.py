@@ -64,11 +64,14 @@ def discard(labvm, lv, offset, length):
     labvm.ssh(["blkdiscard", "-o", str(offset), "-l", str(length), "/dev/%s/%s" % (labvm.vg, lv)])
 
 
-def snapshot_and_append(labvm, lv, repo, expect_failed=False):
-    """A managed thin snapshot (lvm_snapshot), its sha256, then qcow2_chain_append of it: (snapshot, sha, result)."""
+def snapshot_and_append(labvm, lv, repo, expect_failed=False, inactive=False):
+    """A managed thin snapshot (lvm_snapshot), its sha256, then qcow2_chain_append of it: (snapshot, sha, result).
+    ``inactive``: the snapshot is deactivated first (as after a reboot: thin snapshots skip activation)."""
     snap = labvm.module("lvm_snapshot", dict(vg=labvm.vg, lv=lv))
     assert snap["created"] and snap["type"] == "thin" and naming.is_managed(snap["snapshot"])
     expected = sha256(labvm, snap["path"])
+    if inactive:
+        labvm.ssh(["lvchange", "-an", "%s/%s" % (labvm.vg, snap["snapshot"])])
     result = labvm.module("qcow2_chain_append", dict(chain=repo, lvm_snapshot="%s/%s" % (labvm.vg, snap["snapshot"])),
                           expect_failed=expect_failed)
     return snap["snapshot"], expected, result
@@ -116,7 +119,8 @@ def test_three_backups_with_writes_and_discards_read_only_the_changed_chunks(lab
     # Written again into part of the discarded range, part of the rewritten MiB discarded again.
     written = write_chunks(labvm, lv, 325, 4) + write_chunks(labvm, lv, 600, 8)
     discard(labvm, lv, 80 * CHUNK, 8 * CHUNK)
-    snap2, sha2, incr2 = snapshot_and_append(labvm, lv, repo)
+    snap2, sha2, incr2 = snapshot_and_append(labvm, lv, repo, inactive=True)
+    assert labvm.lvs()[snap2]["lv_attr"][4] != "a"  # activated with -K for the backup, deactivated again
     assert incr2["changed_blocks"] == "thin_delta" and incr2["parent"] == incr1["point"]["name"]
     assert incr2["bytes_read"] == written and incr2["zero_bytes"] == 8 * CHUNK
     assert incr2["removed_snapshots"] == [snap1] and snapshots_of(labvm, lv) == [snap2]
@@ -146,6 +150,11 @@ def test_base_removed_by_hand_falls_back_to_a_digest_scan(labvm, thin_disk):
     assert snapshots_of(labvm, lv) == [snap2]
     assert_restored(labvm, repo, [(full["point"]["name"], sha0), (scan["point"]["name"], sha1),
                                   (incr["point"]["name"], sha2)])
+
+    # The same snapshot again: the newest point already holds it, nothing is written or removed.
+    again = labvm.module("qcow2_chain_append", dict(chain=repo, lvm_snapshot="%s/%s" % (labvm.vg, snap2)))
+    assert not again["changed"] and again["already_backed_up"] and again["changed_blocks"] is None
+    assert len(points(labvm, repo)) == 3 and snapshots_of(labvm, lv) == [snap2]
 
 
 def test_a_killed_run_leaves_the_reservation_the_next_run_releases(labvm, thin_disk):

@@ -86,9 +86,10 @@ def snapshot_row(vg, name):
 
 def open_snapshot(vg, name, check_mode=False):
     """The source of LVM snapshot ``vg/name``: LvmSnapshotSource (classic) or LvmThinSnapshotSource (thin)."""
-    kind, row = find_snapshot(vg, name)
+    rows = _snapshots.vg_rows(vg)
+    kind, row = find_snapshot(vg, name, rows)
     if kind == "thin":
-        return LvmThinSnapshotSource(vg, name, row, check_mode=check_mode)
+        return LvmThinSnapshotSource(vg, name, rows, check_mode=check_mode)
     return LvmSnapshotSource(vg, name)
 
 
@@ -123,11 +124,16 @@ class LvmSnapshotSource(RawSource):
 
 
 class LvmThinSnapshotSource(RawSource):
-    """Thin snapshot ``vg/name`` (its lvs ``row``): read as a block device; incrementals from thin_delta."""
+    """Thin snapshot ``vg/name`` (``rows``: the VG's lvs rows, ``_lvm.snapshots.vg_rows``): read as a block
+    device; incrementals from thin_delta.  Those rows, read once at the start (each lvs costs), also
+    tell whether the base snapshot is there and which snapshots ``finish`` removes: a snapshot
+    removed meanwhile makes thin_delta fail (the digest scan runs) or its removal a warning."""
 
     kind = THIN
 
-    def __init__(self, vg, name, row, check_mode=False, prefix=_naming.DEFAULT_PREFIX):
+    def __init__(self, vg, name, rows, check_mode=False, prefix=_naming.DEFAULT_PREFIX):
+        row = rows[name]
+        self.rows = rows
         self.vg, self.name, self.origin, self.pool = vg, name, row["origin"], row["pool_lv"]
         self.thin_id, self.uuid = row.get("thin_id"), row.get("lv_uuid")
         self.snapshot = name
@@ -145,7 +151,9 @@ class LvmThinSnapshotSource(RawSource):
                 return
             _lvm.activate("%s/%s" % (vg, name), ignore_activation_skip=True)  # thin snapshots skip activation
             self.activated = True
-            row = _snapshots.vg_rows(vg).get(name) or row
+            if not row.get("lv_path"):
+                self.rows = _snapshots.vg_rows(vg)
+                row = self.rows.get(name) or row
         try:
             if not row.get("lv_path"):
                 raise InputError("thin snapshot %s/%s has no device path (lv_attr %s)" % (vg, name, row["lv_attr"]),
@@ -213,7 +221,7 @@ class LvmThinSnapshotSource(RawSource):
             return "the last point %s was not taken from a thin snapshot of %s/%s in pool %s" % (
                 point["name"], self.vg, self.origin, self.pool)
         base = point.get("snapshot")
-        row = _snapshots.vg_rows(self.vg).get(base)
+        row = self.rows.get(base)
         if row is None:
             return "the thin snapshot %s/%s of the last point %s no longer exists" % (self.vg, base, point["name"])
         if not self._matches_record(row, point["source"].get("thin_id"), point["source"].get("uuid")):
@@ -248,7 +256,7 @@ class LvmThinSnapshotSource(RawSource):
     # -- after the point -----------------------------------------------------------------------
     def finish(self, point):
         """Remove the thin snapshots of earlier points (ours, still the same ones): this one is the next base."""
-        rows = _snapshots.vg_rows(self.vg)
+        rows = self.rows
         removed = []
         for name, thin_id, uuid in self.earlier:
             row = rows.get(name)
