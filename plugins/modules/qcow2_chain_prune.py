@@ -58,35 +58,12 @@ attributes:
     description: The points of the manifest before and after (removed points as removed lines).
 extends_documentation_fragment:
   - snapchain.vmbackup.run_summary
+  - snapchain.vmbackup.retention
 options:
   chain:
     description: The disk's repository directory (the one holding C(manifest.json)).
     type: path
     required: true
-  keep_last:
-    description: Keep the newest N points.
-    type: int
-  keep_hourly:
-    description: Keep the newest point of each of the last N hours that have points.
-    type: int
-  keep_daily:
-    description: Keep the newest point of each of the last N days that have points.
-    type: int
-  keep_weekly:
-    description: Keep the newest point of each of the last N ISO weeks (Monday to Sunday) that have points.
-    type: int
-  keep_monthly:
-    description: Keep the newest point of each of the last N months that have points.
-    type: int
-  keep_yearly:
-    description: Keep the newest point of each of the last N years that have points.
-    type: int
-  timezone:
-    description:
-      - The time zone in which hours, days, weeks, months and years are counted (an IANA name such as
-        C(Europe/Berlin)). A point's time is the UTC time of its name.
-    type: str
-    default: UTC
   protected:
     description: Names of points that are never removed (UTC stamps such as C(20261122T031500Z)).
     type: list
@@ -284,6 +261,7 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.run_summary import run_summary_argument_spec
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.prune import prune
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import retention
 
 
 def main():
@@ -291,14 +269,7 @@ def main():
         argument_spec=dict(
             chain=dict(type="path", required=True),
             **run_summary_argument_spec(),
-            keep_last=dict(type="int"),
-            keep_hourly=dict(type="int"),
-            keep_daily=dict(type="int"),
-            keep_weekly=dict(type="int"),
-            keep_monthly=dict(type="int"),
-            keep_yearly=dict(type="int"),
-            timezone=dict(type="str", default="UTC"),
-            protected=dict(type="list", elements="str", default=[]),
+            **retention.argument_spec(),
             lock_wait=dict(type="int", default=0),
             max_depth=dict(type="int", default=0),
         ),

@@ -21,6 +21,8 @@ description:
   - Files that are not rbd diff v1 streams (or name no to-snapshot) are ignored and listed in RV(ignored).
 author:
   - snapchain developers (@snapchain)
+extends_documentation_fragment:
+  - snapchain.vmbackup.retention
 attributes:
   check_mode:
     support: full
@@ -41,28 +43,6 @@ options:
     description: The prefix of managed snapshot names, to date a point by its to-snapshot.
     type: str
     default: snapchain-
-  keep_last:
-    description: Keep the newest N points.
-    type: int
-  keep_hourly:
-    description: Keep the newest point of each of the last N hours that have points.
-    type: int
-  keep_daily:
-    description: Keep the newest point of each of the last N days that have points.
-    type: int
-  keep_weekly:
-    description: Keep the newest point of each of the last N ISO weeks that have points.
-    type: int
-  keep_monthly:
-    description: Keep the newest point of each of the last N months that have points.
-    type: int
-  keep_yearly:
-    description: Keep the newest point of each of the last N years that have points.
-    type: int
-  timezone:
-    description: The IANA zone in which periods are counted.
-    type: str
-    default: UTC
   protected:
     description: To-snapshot names of points never to remove.
     type: list
@@ -138,6 +118,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.runner import run_module
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.diff_prune import prune
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import retention
 
 
 def main():
@@ -146,14 +127,7 @@ def main():
             directory=dict(type="path", required=True),
             pattern=dict(type="str", default="*"),
             prefix=dict(type="str", default="snapchain-"),
-            keep_last=dict(type="int"),
-            keep_hourly=dict(type="int"),
-            keep_daily=dict(type="int"),
-            keep_weekly=dict(type="int"),
-            keep_monthly=dict(type="int"),
-            keep_yearly=dict(type="int"),
-            timezone=dict(type="str", default="UTC"),
-            protected=dict(type="list", elements="str", default=[]),
+            **retention.argument_spec(),
         ),
         supports_check_mode=True,
     )

@@ -20,6 +20,10 @@ description:
   - Changes nothing. The restore role uses RV(disks) for M(snapchain.vmbackup.qcow2_chain_restore) and RV(disk_paths)
     for M(snapchain.vmbackup.instant_restore) with C(define_only).
   - CD-ROMs and empty drives are dropped from the restored definition (RV(dropped)).
+  - With O(in_place), plans the rollback of the VM itself instead - every disk into the image it was backed up
+    from, then the saved definition defined again under its own name and UUID - and refuses, before anything is
+    written, a missing image, a domain of that name that is not shut off or has another UUID, and the saved UUID
+    owned by a domain of another name.
 author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
@@ -31,9 +35,16 @@ options:
     type: str
     required: true
   name:
-    description: The name of the restored VM (a new domain).
+    description:
+      - The name of the restored VM (a new domain). Required unless O(in_place).
+      - With O(in_place), the VM keeps the name of its saved definition; a different O(name) is refused.
     type: str
-    required: true
+  in_place:
+    description:
+      - Plan the rollback of the VM itself (see the description) instead of a copy into new images. O(pool) and
+        O(images) do not apply.
+    type: bool
+    default: false
   repository:
     description: Root of the backups (the backup roles' C(*_repository)).
     type: path
@@ -65,7 +76,9 @@ options:
     type: bool
     default: false
   check_targets:
-    description: Refuse new images that exist (through librbd) and a domain O(name) that exists (through O(uri)).
+    description:
+      - Refuse new images that exist (through librbd) and a domain O(name) that exists (through O(uri)).
+      - With O(in_place), refuse missing images and a domain that does not allow the rollback.
     type: bool
     default: true
   force:
@@ -149,6 +162,21 @@ dropped:
   returned: success
   type: list
   elements: dict
+in_place:
+  description: O(in_place).
+  returned: success
+  type: bool
+domain_state:
+  description: With O(in_place), the state of the domain now (V(shutoff)), or V(null) when it is not defined.
+  returned: success
+  type: str
+detached:
+  description:
+    - With O(in_place), the disks the current definition has and the saved one has not (C(target), C(source)).
+      Their images are left as they are; the restored definition no longer attaches them.
+  returned: success
+  type: list
+  elements: dict
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -164,7 +192,8 @@ def main():
     module = AnsibleModule(
         argument_spec=ceph_argument_spec(
             vm=dict(type="str", required=True),
-            name=dict(type="str", required=True),
+            name=dict(type="str"),
+            in_place=dict(type="bool", default=False),
             repository=dict(type="path", default="/var/backups/snapchain"),
             cluster_label=dict(type="str", default="ceph"),
             point=dict(type="str", default="latest"),
@@ -185,11 +214,11 @@ def main():
         with _rbd.session(params, pool, namespace) as sess:
             return sess.image_names()
 
-    def domain_exists(name):
+    def domains(name, uuid):
         with _libvirt.connect(params["uri"], readonly=True) as conn:
-            return _libvirt.find_domain(conn, name) is not None
+            return _libvirt.domain_facts(conn, name, uuid)
 
-    checks = dict(rbd_images=rbd_images, domain_exists=domain_exists) if params["check_targets"] else {}
+    checks = dict(rbd_images=rbd_images, domains=domains) if params["check_targets"] else {}
     result = run_module(module, lambda: plan(params, **checks))
     module.exit_json(**result)
 

@@ -206,6 +206,43 @@ def test_domain_xml(lab, disco, conn):
     assert module_runner.run("libvirt_domain_xml", args)["changed"] is False
 
 
+def test_domain_xml_src_defines_the_saved_definition_again(lab, disco, conn):
+    """libvirt_domain_xml src=: the definition saved earlier put back, unchanged (same UUID); check and diff mode
+    first; then nothing to do.  A file of another domain, of another VM of the same name, and a UUID that another
+    domain owns are refused, the definition untouched."""
+    name = disco["prefix"] + "files"
+    saved = disco["tmp"] / "saved.xml"
+    module_runner.run("libvirt_domain_xml", dict(uri=lab.libvirt_uri, domain=name, dest=str(saved)))
+    dom = conn.lookupByName(name)
+    uuid_before = dom.UUIDString()
+    dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_DESCRIPTION, "changed since", None, None,
+                    libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    args = dict(uri=lab.libvirt_uri, domain=name, src=str(saved))
+    checked = module_runner.run("libvirt_domain_xml", dict(args, _ansible_check_mode=True, _ansible_diff=True))
+    assert checked["changed"] is True and "changed since" in checked["diff"]["before"]
+    assert "changed since" not in checked["diff"]["after"]
+    assert "changed since" in conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    result = module_runner.run("libvirt_domain_xml", args)
+    assert result["changed"] is True and result["created"] is False and result["uuid"] == uuid_before
+    dom = conn.lookupByName(name)
+    assert "changed since" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE) and dom.UUIDString() == uuid_before
+    assert module_runner.run("libvirt_domain_xml", args)["changed"] is False
+
+    text = saved.read_text()
+    other_uuid = disco["tmp"] / "other-uuid.xml"
+    other_uuid.write_text(text.replace(uuid_before, str(uuid.uuid4())))
+    renamed = disco["tmp"] / "renamed.xml"
+    renamed.write_text(text.replace("<name>%s</name>" % name, "<name>%s-renamed</name>" % name))
+    for domain, src, message in ((disco["prefix"] + "rbd", saved, "defines domain %s" % name),
+                                 (name, other_uuid, "another VM of the same name"),
+                                 (name + "-renamed", renamed, "belongs to domain %s" % name)):
+        failed = module_runner.run("libvirt_domain_xml", dict(uri=lab.libvirt_uri, domain=domain, src=str(src)),
+                                   expect_failed=True)
+        assert message in failed["msg"], failed["msg"]
+    assert conn.lookupByName(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).rstrip() == text.rstrip()
+    assert name + "-renamed" not in conn.listDefinedDomains()
+
+
 def test_domain_xml_errors(lab, disco):
     dest = str(disco["tmp"] / "x.xml")
     result = module_runner.run("libvirt_domain_xml", dict(uri=lab.libvirt_uri, domain=disco["prefix"] + "nope",

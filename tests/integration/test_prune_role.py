@@ -69,7 +69,7 @@ def test_role_prunes_every_disk_with_a_summary_and_fails_for_a_locked_one(tmp_pa
                for line in lines), lines  # kept 2 (5th, 6th), removed 1-4, the 4th merged into the 5th
     assert any(line.startswith("FAILED ") and line.endswith(second) for line in lines), lines
     assert "another run reads %s" % second in proc.stdout
-    assert "1 of 2 disk(s) and 0 of 0 diff set(s) could not be pruned" in proc.stdout
+    assert "1 of 2 disk(s), 0 of 0 diff set(s) and 0 of 0 ZFS dataset(s) could not be pruned" in proc.stdout
     assert Repository(first).load(verify=True).names() == NAMES[4:]
     for name in NAMES[4:]:
         assert point_sha(first, name, tmp_path) == first_content[name]

@@ -12,6 +12,7 @@ import os
 import subprocess
 import uuid
 
+import libvirt
 import libvirt_qemu
 import pytest
 
@@ -202,3 +203,60 @@ def test_shut_off_guest_is_backed_up_without_freezing(lab, two_disk_guest, tmp_p
     assert vm["state"] == "shutoff" and vm["error"] == "" and len(vm["points"]) == 2
     assert vm["frozen_at"] is None and vm["consistency"] == "stopped"
     assert not dom.isActive()
+
+
+def test_whole_vm_restore_in_place_rolls_the_vm_itself_back(lab, libvirt_conn, two_disk_guest, tmp_path):
+    """restore.yml with restore_vm + restore_in_place: both disks of the (shut-off) VM rolled back into their own
+    images, byte-equal to the point's snapshots, a safety snapshot of each kept, and the saved definition defined
+    again (same UUID, the change made since gone).  A running domain is refused before anything is written.
+    After test_shut_off_guest_is_backed_up_without_freezing: the guest is shut off."""
+    guest = two_disk_guest
+    dom = guest["dom"]
+    if dom.isActive():
+        dom.destroy()
+    uuid_before = dom.UUIDString()
+    _proc, report = run_role(lab, tmp_path, guest)
+    (vm,) = report
+    point = vm["points"][0]
+    exported = {}
+    for image in guest["images"]:
+        exported[image] = tmp_path / (image + ".export")
+        lab.rbd("export", "%s/%s@%s" % (lab.pool, image, vm["snapshot"]), str(exported[image]))
+        # the disks change after the point...
+        lab.rbd("bench", "--io-type", "write", "--io-size", "64K", "--io-total", "4M", "--io-pattern", "rand",
+                "%s/%s" % (lab.pool, image))
+    # ... and so does the definition
+    changed_xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace("</name>", "</name><description>changed since</description>", 1)
+    libvirt_conn.defineXML(changed_xml)
+
+    def snapshots(image):
+        return json.loads(lab.rbd("snap", "ls", "--format", "json", "%s/%s" % (lab.pool, image)).stdout)
+
+    before = dict((image, snapshots(image)) for image in guest["images"])
+    dom.create()  # running: refused before anything is written
+    try:
+        proc = restore_vm(lab, tmp_path, guest, expect_rc=2, restore_in_place=True, restore_force=True)
+        assert "is running: shut it down" in proc.stdout, proc.stdout[-3000:]
+    finally:
+        dom.destroy()
+    assert dict((image, snapshots(image)) for image in guest["images"]) == before
+    # without restore_force: refused by the role's own checks
+    proc = restore_vm(lab, tmp_path, guest, expect_rc=2, restore_in_place=True)
+    assert "set restore_force: true" in proc.stdout
+
+    proc = restore_vm(lab, tmp_path, guest, restore_in_place=True, restore_force=True)
+    assert "Rolled VM %s back in place to point %s" % (guest["name"], point) in proc.stdout, proc.stdout[-3000:]
+    for image in guest["images"]:
+        restored = tmp_path / (image + ".restored")
+        lab.rbd("export", "%s/%s" % (lab.pool, image), str(restored))
+        assert sha256_file(restored) == sha256_file(exported[image]), image
+        safety = [s["name"] for s in snapshots(image) if s["name"] not in [b["name"] for b in before[image]]]
+        assert len(safety) == 1 and safety[0].startswith("snapchain-safety-"), snapshots(image)
+        assert "%s: state before the rollback kept in snapshot %s" % (
+            dict(zip(guest["images"], ("vda", "vdb")))[image], safety[0]) in proc.stdout
+    dom = libvirt_conn.lookupByName(guest["name"])
+    assert dom.UUIDString() == uuid_before and not dom.isActive() and dom.isPersistent()
+    assert "changed since" not in dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    # again: the same rollback, the definition now unchanged
+    proc = restore_vm(lab, tmp_path, guest, restore_in_place=True, restore_force=True)
+    assert "definition unchanged" in proc.stdout

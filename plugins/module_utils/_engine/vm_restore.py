@@ -19,6 +19,14 @@ snapshot, so the disks of one VM backup share the point name, and it saves the d
    any that exists (unless ``force``: then the restore replaces it), and a new domain name that
    exists, also before anything is written.
 
+``in_place`` rolls the VM itself back instead: every disk of the saved definition into the image it
+was backed up from (each must exist; qcow2_chain_restore's in-place rollback takes a safety
+snapshot of each first), then the saved definition defined again unchanged, same name and UUID.
+Refused before anything is written: a domain of that name that is not shut off (running, paused,
+saved to memory...), one with another UUID (a different VM of the same name), the saved UUID owned by
+a domain of another name, and a missing image.  The plan lists the disks the current definition
+has and the saved one has not (``detached``): their images stay, the restored VM no longer has them.
+
 Disks that vm_backup does not back up (CD-ROMs, empty drives) are dropped from the new definition;
 a disk of another backend (a local file, an LV) refuses the restore unless ``drop_other_disks``.
 """
@@ -73,10 +81,19 @@ def _read_xml(path):
         raise InputError("cannot read %s: %s" % (path, exc.strerror), path=path)
 
 
-def plan(params, rbd_images=None, domain_exists=None):
+def plan(params, rbd_images=None, domains=None):
     """The whole-VM restore plan (the module's result).  ``rbd_images(pool, namespace)`` lists a pool's
-    images and ``domain_exists(name)`` asks libvirt, for the refusals of step 4 (skipped when None)."""
-    vm, new_name = params["vm"], check_name(params["name"])
+    images and ``domains(name, uuid)`` asks libvirt (``(domain named name or None, name of the domain
+    with that uuid or None)``, a domain as ``{state, uuid, xml}``), for the refusals of step 4 and of
+    ``in_place`` (skipped when None)."""
+    vm, in_place = params["vm"], bool(params.get("in_place"))
+    if in_place:
+        for option in ("images", "pool"):
+            if params.get(option):
+                raise InputError("in_place rolls back the VM's own images: %s does not apply" % option)
+    elif not params.get("name"):
+        raise InputError("name is required (the new VM's name), unless in_place")
+    new_name = check_name(params["name"]) if params.get("name") else None
     root = os.path.join(params["repository"], params["cluster_label"])
     point, before, allow_bad = params.get("point") or "latest", params.get("before"), bool(params.get("allow_bad"))
     if before and point != "latest":
@@ -98,6 +115,12 @@ def plan(params, rbd_images=None, domain_exists=None):
                                                  allow_bad)
     xml_path = os.path.join(first_chain, chosen["name"] + XML_SUFFIX)
     dom_xml = _read_xml(xml_path)
+    saved = _domains.parse_xml(dom_xml)
+    saved_name, saved_uuid = (saved.findtext("name") or "").strip(), (saved.findtext("uuid") or "").strip()
+    if in_place:
+        if new_name is not None and new_name != saved_name:
+            raise InputError("in_place restores VM %s under its own name; name %s does not apply" % (saved_name, new_name))
+        new_name = check_name(saved_name)
 
     disks, dropped, others = [], [], []
     for disk in _domains.disks(dom_xml):
@@ -124,7 +147,7 @@ def plan(params, rbd_images=None, domain_exists=None):
     out = []
     for disk, item in zip(disks, items):
         rbd = disk["rbd"]
-        image = images.get(disk["target"]) or "%s-%s" % (new_name, disk["target"])
+        image = rbd["image"] if in_place else images.get(disk["target"]) or "%s-%s" % (new_name, disk["target"])
         if not _IMAGE_RE.match(image):
             raise InputError("image name %r holds '/', '@' or whitespace" % image)
         point_doc = layers[disk["target"]][0]
@@ -135,21 +158,53 @@ def plan(params, rbd_images=None, domain_exists=None):
     names = [(d["restore_to"]["pool"], d["restore_to"]["namespace"], d["restore_to"]["image"]) for d in out]
     if len(set(names)) != len(names):
         raise InputError("two disks would be restored into the same image: %s" % names)
-    if rbd_images is not None and not params.get("force"):
+    if rbd_images is not None and (in_place or not params.get("force")):
         listed = {}
-        taken = []
+        taken, missing = [], []
         for pool, namespace, image in names:
             key = (pool, namespace)
             if key not in listed:
                 listed[key] = set(rbd_images(pool, namespace))
-            if image in listed[key]:
-                taken.append("/".join(p for p in (pool, namespace, image) if p))
-        if taken:
+            (taken if image in listed[key] else missing).append("/".join(p for p in (pool, namespace, image) if p))
+        if in_place and missing:
+            raise NotFoundError("in_place rolls back the VM's images, but %s do(es) not exist: restore the VM into new "
+                                "images instead (no in_place)" % ", ".join(missing), images=missing)
+        if taken and not in_place:
             raise ConflictError("the images a whole-VM restore writes exist already: %s; remove them, name others "
                                 "(images), or replace them (force)" % ", ".join(taken), images=taken)
-    if domain_exists is not None and domain_exists(new_name):
-        raise ConflictError("a domain named %s exists already: choose another name" % new_name, domain=new_name)
+    current, detached = None, []
+    if domains is not None:
+        current, uuid_owner = domains(new_name, saved_uuid if in_place else None)
+        if current is not None and not in_place:
+            raise ConflictError("a domain named %s exists already: choose another name" % new_name, domain=new_name)
+        if in_place:
+            detached = _check_in_place_domain(new_name, saved_uuid, current, uuid_owner, disks)
     return dict(changed=False, vm=vm, name=new_name, point=name, domain_xml=xml_path, disks=out, dropped=dropped,
+                in_place=in_place, domain_state=current["state"] if current else None, detached=detached,
                 chains=[dict(target=d["target"], chain=d["chain"]) for d in out],
                 disk_paths=dict((d["target"], "/".join(p for p in (d["restore_to"]["pool"], d["restore_to"]["namespace"],
                                                                    d["restore_to"]["image"]) if p)) for d in out))
+
+
+def _check_in_place_domain(name, saved_uuid, current, uuid_owner, disks):
+    """Refuse an in-place VM restore the domain as it is now does not allow; the disks it would lose
+    (``[{target, source}]``: in its current definition, not in the saved one)."""
+    if uuid_owner is not None and uuid_owner != name:
+        raise ConflictError("the saved definition's UUID %s belongs to domain %s now, not %s: undefine or rename it "
+                            "first" % (saved_uuid, uuid_owner, name), domain=uuid_owner)
+    if current is None:
+        return []  # undefined since: the saved definition is defined again
+    if saved_uuid and current["uuid"] != saved_uuid:
+        raise ConflictError("domain %s has UUID %s, the saved definition %s: it is another VM of the same name; "
+                            "restore into new images under a new name instead" % (name, current["uuid"], saved_uuid),
+                            domain=name)
+    if current["state"] != "shutoff":
+        raise ConflictError("domain %s is %s: shut it down before rolling it back in place (virsh shutdown %s)"
+                            % (name, current["state"], name), domain=name, state=current["state"])
+    if current.get("managed_save"):
+        raise ConflictError("domain %s has a saved memory state (virsh managedsave): started after the rollback, it "
+                            "would resume on disks it never saw; remove it first (virsh managedsave-remove %s)"
+                            % (name, name), domain=name)
+    kept = set(d["target"] for d in disks)
+    return [dict(target=d["target"], source=d["source"]) for d in _domains.disks(current["xml"])
+            if d["backup"] and d["target"] not in kept]

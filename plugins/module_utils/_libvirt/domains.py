@@ -44,7 +44,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qem
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import fsync_dir
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import lvm as _lvm
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
-    CommandError, InputError, NotFoundError, SnapchainError)
+    CommandError, ConflictError, InputError, NotFoundError, SnapchainError)
 
 try:
     import libvirt
@@ -260,6 +260,30 @@ def find_domain(conn, name):
             return None
         raise LibvirtError("cannot look up domain %r: %s" % (name, _error_text(exc)), domain=name,
                            code=_error_code(exc))
+
+
+def domain_facts(conn, name, uuid=None):
+    """(``{state, uuid, xml, managed_save}`` of the domain named ``name`` or None, the name of the domain
+    whose UUID is ``uuid`` or None): what a restore into that domain must know first."""
+    dom = find_domain(conn, name)
+    current = None
+    if dom is not None:
+        try:
+            managed_save = bool(dom.hasManagedSaveImage(0))
+        except libvirt.libvirtError as exc:
+            raise LibvirtError("cannot ask libvirt whether domain %s has a saved memory state: %s"
+                               % (name, _error_text(exc)), domain=name, code=_error_code(exc))
+        current = dict(state=domain_state(dom)[0], uuid=dom.UUIDString(), xml=inactive_xml(dom),
+                       managed_save=managed_save)
+    owner = None
+    if uuid:
+        try:
+            owner = conn.lookupByUUIDString(uuid).name()
+        except libvirt.libvirtError as exc:
+            if _error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                raise LibvirtError("cannot look up the domain with UUID %s: %s" % (uuid, _error_text(exc)),
+                                   code=_error_code(exc))
+    return current, owner
 
 
 def create_transient(conn, dom_xml):
@@ -880,7 +904,7 @@ def write_atomic(dest, data, mode=0o600):
                 pass
 
 
-def _read_existing(dest):
+def _read_existing(dest, what="dest"):
     """(bytes or None, mode or None) of ``dest``; InputError if it is not a regular file."""
     try:
         st = os.stat(dest)
@@ -889,7 +913,7 @@ def _read_existing(dest):
     except OSError as exc:
         raise InputError("cannot stat %s: %s" % (dest, exc.strerror), path=dest)
     if not stat.S_ISREG(st.st_mode):
-        raise InputError("dest %s exists and is not a regular file" % dest, path=dest)
+        raise InputError("%s %s exists and is not a regular file" % (what, dest), path=dest)
     try:
         with open(dest, "rb") as f:
             return f.read(), stat.S_IMODE(st.st_mode)
@@ -928,3 +952,42 @@ def save_inactive_xml(params, check_mode=False):
                   before_header="%s (%s)" % (dest, "absent" if before is None else "mode %04o" % mode),
                   after_header="%s (mode 0600)" % dest),
     )
+
+
+def define_saved_xml(params, check_mode=False):
+    """Define domain ``domain`` again from the XML file ``src`` (a definition libvirt_domain_xml saved),
+    unchanged: same name and UUID.  Refused when ``src`` defines another domain, when a domain of that
+    name has another UUID or runs, and when the UUID belongs to a domain of another name.  Changed when
+    the domain is not defined or its inactive XML differs; diff of the XML."""
+    src = params["src"]
+    data, _mode = _read_existing(src, "src")
+    if data is None:
+        raise NotFoundError("src %s does not exist" % src, path=src)
+    text = data.decode("utf-8", "replace")
+    root = parse_xml(text)
+    name, uuid = (root.findtext("name") or "").strip(), (root.findtext("uuid") or "").strip()
+    if root.tag != "domain" or not name:
+        raise InputError("src %s is not a domain definition (no <domain> with a <name>)" % src, path=src)
+    if params["domain"] not in (name, uuid):
+        raise InputError("src %s defines domain %s (UUID %s), not %s" % (src, name, uuid or "none", params["domain"]),
+                         path=src)
+    with connect(params.get("uri") or DEFAULT_URI, readonly=check_mode) as conn:
+        current, owner = domain_facts(conn, name, uuid)
+        if owner is not None and owner != name:
+            raise ConflictError("UUID %s of %s belongs to domain %s: undefine or rename it first" % (uuid, src, owner),
+                                domain=owner)
+        if current is not None and uuid and current["uuid"] != uuid:
+            raise ConflictError("domain %s has UUID %s, not the %s of %s: it is another VM of the same name"
+                                % (name, current["uuid"], uuid, src), domain=name)
+        if current is not None and current["state"] != "shutoff":
+            raise ConflictError("domain %s is %s: shut it down before defining it again from %s"
+                                % (name, current["state"], src), domain=name, state=current["state"])
+        before = current["xml"] if current is not None else ""
+        changed = before.rstrip() != text.rstrip()
+        if changed and not check_mode:
+            dom = define_domain(conn, text)
+            uuid = dom.UUIDString()
+    return dict(changed=changed, src=src, name=name, uuid=uuid, created=changed and current is None,
+                size=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                diff=dict(before=before, after=text, before_header="domain %s (%s)" % (
+                    name, "not defined" if current is None else "defined"), after_header=src))

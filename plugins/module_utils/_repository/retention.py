@@ -62,6 +62,14 @@ KEEP = "keep"
 REMOVE = "remove"
 
 
+def argument_spec():
+    """The module options of a keep-* policy (documented by the ``retention`` doc fragment) and ``protected``."""
+    spec = dict((rule, dict(type="int")) for rule in RULE_NAMES)
+    spec.update(timezone=dict(type="str", default=DEFAULT_TIMEZONE),
+                protected=dict(type="list", elements="str", default=[]))
+    return spec
+
+
 def check_policy(policy):
     """``{rule: count}`` with every count an int >= 0 (None/absent dropped); InputError otherwise."""
     out = {}

@@ -75,13 +75,13 @@ class RecordedRuns:
 def recorded(monkeypatch):
     """``RecordedRuns`` in place of subprocess.run for every ``_cli`` tool; binaries at fixed paths."""
     from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import (
-        command, dmsetup, lvm, ploop, qemu_img, qemu_nbd, thin_tools)
+        command, dmsetup, lvm, ploop, qemu_img, qemu_nbd, thin_tools, zfs)
     runs = RecordedRuns()
     monkeypatch.setattr(command, "_RUN", runs)
     for tool, path in ((qemu_img.QEMU_IMG, "/usr/bin/qemu-img"), (qemu_nbd.QEMU_NBD, "/usr/bin/qemu-nbd"),
                        (lvm.LVS, "/usr/sbin/lvs"), (ploop.PLOOP, "/usr/sbin/ploop"),
                        (lvm.LVCREATE, "/usr/sbin/lvcreate"), (lvm.LVCHANGE, "/usr/sbin/lvchange"),
-                       (lvm.LVREMOVE, "/usr/sbin/lvremove"), (dmsetup.DMSETUP, "/usr/sbin/dmsetup"),
-                       (thin_tools.THIN_DELTA, "/usr/sbin/thin_delta")):
+                       (lvm.LVREMOVE, "/usr/sbin/lvremove"), (zfs.ZFS, "/usr/sbin/zfs"),
+                       (dmsetup.DMSETUP, "/usr/sbin/dmsetup"), (thin_tools.THIN_DELTA, "/usr/sbin/thin_delta")):
         monkeypatch.setattr(tool, "_path", path)
     return runs

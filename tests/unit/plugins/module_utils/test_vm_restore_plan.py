@@ -44,6 +44,17 @@ def params(repo, **extra):
     return out
 
 
+UUID = "11111111-2222-4333-8444-555555555555"
+
+
+def no_domains(name, uuid):
+    return None, None
+
+
+def shut_off(state="shutoff", uuid=UUID, disks=(("web1-root", "vda"), ("web1-data", "vdb")), managed_save=False):
+    return dict(state=state, uuid=uuid, xml=domain_xml(disks), managed_save=managed_save)
+
+
 def test_every_disk_from_the_latest_point(tmp_path):
     got = plan(params(backed_up(tmp_path, extra=CDROM)))
     assert got["point"] == POINTS[-1] and [d["target"] for d in got["disks"]] == ["vda", "vdb"]
@@ -83,10 +94,10 @@ def test_other_backends_are_refused_unless_dropped(tmp_path):
 def test_existing_images_and_domain_are_refused(tmp_path):
     repo = backed_up(tmp_path)
     with pytest.raises(ConflictError, match="rbd/web1-r-vdb"):
-        plan(params(repo), rbd_images=lambda pool, ns: ["web1-r-vdb"], domain_exists=lambda name: False)
-    assert plan(params(repo, force=True), rbd_images=lambda pool, ns: ["web1-r-vdb"], domain_exists=lambda n: False)
+        plan(params(repo), rbd_images=lambda pool, ns: ["web1-r-vdb"], domains=no_domains)
+    assert plan(params(repo, force=True), rbd_images=lambda pool, ns: ["web1-r-vdb"], domains=no_domains)
     with pytest.raises(ConflictError, match="a domain named web1-r exists"):
-        plan(params(repo), rbd_images=lambda pool, ns: [], domain_exists=lambda name: name == "web1-r")
+        plan(params(repo), rbd_images=lambda pool, ns: [], domains=lambda name, uuid: (shut_off(), None))
     got = plan(params(repo, images={"vda": "other"}, pool="restore"), rbd_images=lambda p, n: ["web1-r-vda"])
     assert got["disk_paths"] == {"vda": "restore/other", "vdb": "restore/web1-r-vdb"}
     with pytest.raises(InputError, match="vdz"):
@@ -97,3 +108,54 @@ def test_no_backup_of_the_vm(tmp_path):
     repo = backed_up(tmp_path)
     with pytest.raises(NotFoundError, match="no backup of VM db1"):
         plan(params(repo, vm="db1"))
+
+
+def own_images(pool, namespace):
+    return ["web1-root", "web1-data", "unrelated"]
+
+
+def test_in_place_rolls_back_the_vms_own_images_under_its_own_name(tmp_path):
+    repo = backed_up(tmp_path)
+    asked = []
+
+    def domains(name, uuid):
+        asked.append((name, uuid))
+        return shut_off(disks=(("web1-root", "vda"), ("web1-data", "vdb"), ("web1-new", "vdc"))), name
+
+    got = plan(params(repo, name=None, in_place=True, force=True), rbd_images=own_images, domains=domains)
+    assert asked == [("web1", UUID)]
+    assert got["in_place"] and got["name"] == "web1" and got["domain_state"] == "shutoff"
+    assert got["disk_paths"] == {"vda": "rbd/web1-root", "vdb": "rbd/web1-data"}
+    assert [d["restore_to"] for d in got["disks"]] == [d["source"] for d in got["disks"]]
+    assert got["detached"] == [dict(target="vdc", source="rbd:rbd/web1-new")]  # attached since the point: left alone
+    # undefined since the backup: defined again from the saved definition
+    got = plan(params(repo, name=None, in_place=True), rbd_images=own_images, domains=no_domains)
+    assert got["domain_state"] is None and got["detached"] == []
+
+
+@pytest.mark.parametrize("domain, owner, error, match", [
+    (dict(state="running"), "web1", ConflictError, "domain web1 is running: shut it down"),
+    (dict(state="paused"), "web1", ConflictError, "domain web1 is paused"),
+    (dict(managed_save=True), "web1", ConflictError, "saved memory state"),
+    (dict(uuid="99999999-2222-4333-8444-555555555555"), None, ConflictError, "another VM of the same name"),
+    (None, "web1-renamed", ConflictError, "belongs to domain web1-renamed"),
+])
+def test_in_place_refuses_a_domain_that_does_not_allow_it(tmp_path, domain, owner, error, match):
+    repo = backed_up(tmp_path)
+    current = shut_off(**domain) if domain is not None else None
+    with pytest.raises(error, match=match):
+        plan(params(repo, name=None, in_place=True), rbd_images=own_images, domains=lambda n, u: (current, owner))
+
+
+def test_in_place_refuses_missing_images_and_options_that_do_not_apply(tmp_path):
+    repo = backed_up(tmp_path)
+    with pytest.raises(NotFoundError, match="rbd/web1-data do"):
+        plan(params(repo, name=None, in_place=True), rbd_images=lambda p, n: ["web1-root"], domains=no_domains)
+    for extra in (dict(images={"vda": "x"}), dict(pool="other")):
+        with pytest.raises(InputError, match="does not apply"):
+            plan(params(repo, name=None, in_place=True, **extra))
+    with pytest.raises(InputError, match="name web1-r does not apply"):
+        plan(params(repo, in_place=True))
+    assert plan(params(repo, name="web1", in_place=True))["name"] == "web1"
+    with pytest.raises(InputError, match="name is required"):
+        plan(params(repo, name=None))
