@@ -7,7 +7,7 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 module: qcow2_chain_append
-short_description: Append a backup point to a disk's qcow2 chain from a raw file, block device, ploop disk or rbd diff file
+short_description: Append a backup point to a disk's qcow2 chain from a raw file, block device, LVM snapshot, ploop disk or rbd diff file
 version_added: 0.1.0
 description:
   - Appends one point (a new qcow2 layer) to the repository directory of one disk, for sources that are
@@ -33,6 +33,18 @@ description:
     (C(lv_attr) 5th character C(I)) is refused, and one that overflows during the copy fails the run, no
     point is written. The point's C(extra.lvm) names the origin LV. The snapshot is left for the caller
     to remove.
+  - With O(lvm_snapshot) naming a thin snapshot (the kind is read from C(lvs)), it is activated with
+    C(lvchange -ay -K) if needed (and deactivated again afterwards). When the last point's thin snapshot
+    still exists (same origin, pool, thin id and uuid), an incremental reads only the chunks that changed
+    since, from the pool's metadata (C(thin_delta) on a reserved metadata snapshot, always released; one
+    left reserved by a killed run is released first, with a warning); discarded chunks become zeroes.
+    Otherwise (base snapshot gone or re-created, C(thin_delta) missing or failing) the digest scan runs.
+    RV(changed_blocks) says which.
+  - After a thin point is published, the thin snapshots of the same LV that earlier points of this chain
+    were taken from are removed if their names are managed ones (M(snapchain.vmbackup.lvm_snapshot) without
+    O(snapchain.vmbackup.lvm_snapshot#module:name)); the new snapshot stays as the next run's base, so one
+    thin snapshot per LV is kept between runs. If the run fails before publishing, nothing is removed and
+    the new snapshot is the caller's to remove, as with a classic one.
   - The layer is checked, fsynced and renamed into place before the manifest records it; any failure
     leaves the repository as it was.
 author:
@@ -64,6 +76,8 @@ options:
   lvm_snapshot:
     description:
       - A classic LVM snapshot to back up, as C(VG/NAME); it must be active and not overflowed.
+      - Or a thin LVM snapshot, as C(VG/NAME), activated if needed; see the description for its incrementals
+        and the thin snapshots removed after a point is published.
     type: str
   ploop_descriptor:
     description:
@@ -129,6 +143,12 @@ EXAMPLES = r"""
     chain: /backup/ct/101-root
     ploop_descriptor: /vz/private/101/root.hdd/DiskDescriptor.xml
 
+- name: Back up a thin LVM snapshot taken by lvm_snapshot (incremental from the pool's metadata)
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/kvm1/vm3-disk0
+    lvm_snapshot: "vg0/{{ thin_snap.snapshot }}"
+  register: backup
+
 - name: Would the next backup be full?
   snapchain.vmbackup.qcow2_chain_append:
     chain: /backup/kvm1/vm1-disk0
@@ -166,6 +186,32 @@ lv:
   description: The origin LV of the O(lvm_snapshot) backed up.
   returned: when O(lvm_snapshot) is used
   type: str
+pool:
+  description: The thin pool of the thin O(lvm_snapshot) backed up.
+  returned: when O(lvm_snapshot) is a thin snapshot
+  type: str
+thin_id:
+  description: The thin device id of the thin O(lvm_snapshot) in its pool.
+  returned: when O(lvm_snapshot) is a thin snapshot
+  type: int
+changed_blocks:
+  description:
+    - How the changed blocks of a thin O(lvm_snapshot) were found. V(thin_delta) from the pool's metadata
+      (only the changed chunks were read), V(digest_scan) (the fallback, the whole device read), V(full)
+      (no parent, the whole device read), null when nothing was written (the newest point already holds
+      this snapshot).
+  returned: when O(lvm_snapshot) is a thin snapshot
+  type: str
+  sample: thin_delta
+changed_blocks_reason:
+  description: Why a thin incremental fell back to the digest scan; null otherwise.
+  returned: when O(lvm_snapshot) is a thin snapshot
+  type: str
+removed_snapshots:
+  description: Thin snapshots of earlier points removed after the point was published.
+  returned: when O(lvm_snapshot) is a thin snapshot and a point was written
+  type: list
+  elements: str
 size:
   description: Size in bytes of the disk at the new point.
   returned: always
@@ -188,8 +234,10 @@ merged_snapshots:
   type: list
   elements: str
 kept_snapshot:
-  description: GUID of the ploop snapshot kept in the stack as the next run's base (the point's C(snapshot)).
-  returned: when O(ploop_descriptor) is used and a point was written
+  description:
+    - GUID of the ploop snapshot kept in the stack as the next run's base (the point's C(snapshot)).
+    - With a thin O(lvm_snapshot), the thin snapshot kept as the next run's base.
+  returned: when O(ploop_descriptor) or a thin O(lvm_snapshot) is used and a point was written
   type: str
 tidied:
   description: With O(cleanup_only), GUIDs of ploop snapshots of ours folded away.

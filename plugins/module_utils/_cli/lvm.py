@@ -74,6 +74,11 @@ def activate(lv, ignore_activation_skip=False, timeout=TIMEOUT):
                         ignore_activation_skip=ignore_activation_skip, lv=lv)
 
 
+def deactivate(lv, timeout=TIMEOUT):
+    """``lvchange --activate n VG/LV``."""
+    return LVCHANGE.run("activate lv", timeout=timeout, activate="n", lv=lv)
+
+
 def remove(lv, timeout=TIMEOUT):
     """``lvremove --yes VG/LV``."""
     return LVREMOVE.run("yes lv", timeout=timeout, lv=lv)

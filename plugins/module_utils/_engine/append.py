@@ -5,7 +5,12 @@
 
 PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 
-The one backup flow (``_engine/backup.py``) with one of two sources:
+The one backup flow (``_engine/backup.py``) with one of these sources:
+
+``lvm_snapshot`` (``VG/NAME``, a classic or thin LVM snapshot)
+    ``_sources/lvm.py``: a classic one by digest scan; a thin one with the changed blocks from
+    the pool's metadata (``thin_delta``) since the last point's thin snapshot, which is removed
+    after publish (the new one stays as the next base).
 
 ``source`` (a raw file or block device: an LVM/ZFS snapshot, a ploop image's data...)
     ``_sources/raw.py``: no diff to go by, so the whole source is read in parallel and every
@@ -38,7 +43,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.backup import backup, tidy
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.diff_file import DiffFileSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.ploop import PloopSource
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.lvm import LvmSnapshotSource, parse_lv
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.lvm import THIN, open_snapshot, parse_lv
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
 
 MAX_PARALLEL = 64
@@ -101,10 +106,17 @@ def append_point(params, check_mode=False):
             result.update(mode="ploop", size=src.size, snapshot=src.snapshot, descriptor=src.descriptor)
     elif params.get("lvm_snapshot"):
         vg, name = parse_lv(params["lvm_snapshot"])
-        with LvmSnapshotSource(vg, name) as src:
+        with open_snapshot(vg, name, check_mode=check_mode) as src:
             _check_size(src.size, "LVM snapshot %s" % params["lvm_snapshot"])
             result = backup(repo, src, extra=dict(mode="lvm", lvm=dict(vg=vg, lv=src.origin)), **run)
             result.update(mode="lvm", size=src.size, snapshot=name, lv=src.origin)
+            if src.kind == THIN:
+                result.update(pool=src.pool, thin_id=src.thin_id, changed_blocks=src.changed_blocks,
+                              changed_blocks_reason=src.changed_blocks_reason)
+                if src.delta_info.get("stale_metadata_snap") is not None:
+                    result["warnings"].append(
+                        "thin pool %s/%s held a metadata snapshot (root %s) left by a killed run: released before "
+                        "this run reserved its own" % (vg, src.pool, src.delta_info["stale_metadata_snap"]))
     elif params.get("source"):
         with RawSource(params["source"]) as src:
             _check_size(src.size, "source %s" % params["source"])

@@ -74,12 +74,14 @@ class RecordedRuns:
 @pytest.fixture
 def recorded(monkeypatch):
     """``RecordedRuns`` in place of subprocess.run for every ``_cli`` tool; binaries at fixed paths."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import command, lvm, ploop, qemu_img, qemu_nbd, zfs
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import (
+        command, dmsetup, lvm, ploop, qemu_img, qemu_nbd, thin_tools, zfs)
     runs = RecordedRuns()
     monkeypatch.setattr(command, "_RUN", runs)
     for tool, path in ((qemu_img.QEMU_IMG, "/usr/bin/qemu-img"), (qemu_nbd.QEMU_NBD, "/usr/bin/qemu-nbd"),
                        (lvm.LVS, "/usr/sbin/lvs"), (ploop.PLOOP, "/usr/sbin/ploop"),
                        (lvm.LVCREATE, "/usr/sbin/lvcreate"), (lvm.LVCHANGE, "/usr/sbin/lvchange"),
-                       (lvm.LVREMOVE, "/usr/sbin/lvremove"), (zfs.ZFS, "/usr/sbin/zfs")):
+                       (lvm.LVREMOVE, "/usr/sbin/lvremove"), (zfs.ZFS, "/usr/sbin/zfs"),
+                       (dmsetup.DMSETUP, "/usr/sbin/dmsetup"), (thin_tools.THIN_DELTA, "/usr/sbin/thin_delta")):
         monkeypatch.setattr(tool, "_path", path)
     return runs
