@@ -114,7 +114,7 @@ def test_bad_input_is_refused_before_anything_changes(labvm, seed):
     dataset, mnt = seed
     for args, message in ((dict(file="a/b"), "plain file name"), (dict(file=".x"), "plain file name"),
                           (dict(dataset="labzpool/nope"), "does not exist"),
-                          (dict(lvm_snapshot="%s/%s" % (labvm.vg, LV)), "not a classic LVM snapshot")):
+                          (dict(lvm_snapshot="%s/%s" % (labvm.vg, LV)), "is no snapshot")):
         full = dict(dataset=dataset, file="disk.raw", lvm_snapshot="%s/none" % labvm.vg)
         full.update(args)
         failed = labvm.module("zfs_mirror", full, expect_failed=True)
@@ -124,3 +124,30 @@ def test_bad_input_is_refused_before_anything_changes(labvm, seed):
                           expect_failed=True)
     assert "is not mounted" in failed["msg"]
     assert labvm.ssh(["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-d", "1", dataset]).stdout.split() == []
+
+
+def test_the_role_mirrors_each_lv_and_cleans_what_a_killed_run_left(labvm, seed):
+    """Role zfs_mirror: check mode changes nothing; a managed LVM snapshot left by a killed run is removed; two runs,
+    two points equal to the LV at their time, keep_last 1 pruning the first; no LVM snapshot of ours stays."""
+    dataset, mnt = seed
+    stale = labvm.module("lvm_snapshot", dict(vg=labvm.vg, lv=LV, size="8m"))  # as a killed run leaves it
+    tasks = [dict(name="mirror", **{"ansible.builtin.include_role": dict(name="snapchain.vmbackup.zfs_mirror")},
+                  vars=dict(zfs_mirror_disks=[dict(lv="%s/%s" % (labvm.vg, LV), file="disk.raw")],
+                            zfs_mirror_dataset=dataset, zfs_mirror_snapshot_size="16m",
+                            zfs_mirror_prune_policy=dict(keep_last=1)))]
+    rc, _results = labvm.playbook(tasks, check=True)
+    assert rc == 0 and labvm.ssh(["ls", "-A", mnt]).stdout.split() == []
+    assert stale["snapshot"] in labvm.lvs()
+    shas = []
+    for _run in range(2):
+        rc, results = labvm.playbook(tasks)
+        assert rc == 0, json.dumps(results)[-3000:]
+        shas.append(sha256(labvm, "/dev/%s/%s" % (labvm.vg, LV)))
+        assert [n for n, row in labvm.lvs().items() if row["origin"] == LV] == []  # ours removed, the stale one too
+        labvm.sh("dd if=/dev/urandom of=/dev/{vg}/{lv} bs=64K count=4 seek=100 oflag=direct status=none"
+                 .format(vg=labvm.vg, lv=LV))
+    points = labvm.ssh(["zfs", "list", "-H", "-t", "snapshot", "-o", "name", "-d", "1", dataset]).stdout.split()
+    assert len(points) == 1  # keep_last 1
+    assert sha256(labvm, "%s/.zfs/snapshot/%s/disk.raw" % (mnt, points[0].split("@")[1])) == shas[1]
+    summary = [json.dumps(r) for r in results if "MiB wrote" in json.dumps(r)]
+    assert summary and "incr" in summary[0] and "%s/%s" % (labvm.vg, LV) in summary[0], summary

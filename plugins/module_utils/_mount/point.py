@@ -254,7 +254,6 @@ def _read_lock(repo, wait, warnings):
 
 
 def _build(record, chain_dir, point, layer, partition, lock_fd):
-    path = record.path
     record.doc.update(chain=chain_dir, point=point["name"], layer=layer, read_lock=lock_fd is not None)
     os.mkdir(record.work, 0o700)
     record.save()
@@ -456,7 +455,8 @@ def unmount_point(params, check_mode=False):
     """Undo every layer of the stack that is there, top down; changed only when something was."""
     path = check_path(params["path"])
     record = Record(path)
-    doc = record.load() if record.exists() else None
+    if record.exists():
+        record.load()  # fills record.doc
     recorded = dict(record.doc)
     removed = []
     errors = []
