@@ -33,6 +33,14 @@ description:
     (C(lv_attr) 5th character C(I)) is refused, and one that overflows during the copy fails the run, no
     point is written. The point's C(extra.lvm) names the origin LV. The snapshot is left for the caller
     to remove.
+  - With O(zfs_snapshot), a ZFS volume's snapshot (C(POOL/VOLUME@SNAPSHOT), taken by
+    M(snapchain.vmbackup.zfs_snapshot)) is read from its device C(/dev/zvol/POOL/VOLUME@SNAPSHOT). When the
+    zvol's C(snapdev) is not C(visible), it is set for the run and put back as it was (set, or inherited)
+    as soon as the copy ends, on failure too, and by the next run after a killed one. When the last point's
+    snapshot still exists on the zvol, the changed blocks come from the records of C(zfs send -i) of the two
+    snapshots (only those are read from the device, freed ranges become zero clusters); otherwise (a full, or
+    that snapshot destroyed) by digest scan. RV(changed_blocks) says which. The snapshot is left for the
+    caller to destroy; keep the newest one of ours as the next run's base.
   - The layer is checked, fsynced and renamed into place before the manifest records it; any failure
     leaves the repository as it was.
 author:
@@ -64,6 +72,10 @@ options:
   lvm_snapshot:
     description:
       - A classic LVM snapshot to back up, as C(VG/NAME); it must be active and not overflowed.
+    type: str
+  zfs_snapshot:
+    description:
+      - A snapshot of a ZFS volume to back up, as C(POOL/VOLUME@SNAPSHOT).
     type: str
   ploop_descriptor:
     description:
@@ -129,6 +141,11 @@ EXAMPLES = r"""
     chain: /backup/ct/101-root
     ploop_descriptor: /vz/private/101/root.hdd/DiskDescriptor.xml
 
+- name: Back up a zvol snapshot (incremental from the last point's snapshot through zfs send -i)
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/kvm1/vm3-disk0
+    zfs_snapshot: tank/vm3-disk0@snapchain-20261207T031500Z
+
 - name: Would the next backup be full?
   snapchain.vmbackup.qcow2_chain_append:
     chain: /backup/kvm1/vm1-disk0
@@ -159,12 +176,22 @@ full_reason:
   returned: always
   type: str
 mode:
-  description: V(source), V(diff), V(ploop) or V(lvm).
+  description: V(source), V(diff), V(ploop), V(lvm) or V(zfs).
   returned: always
   type: str
 lv:
   description: The origin LV of the O(lvm_snapshot) backed up.
   returned: when O(lvm_snapshot) is used
+  type: str
+zvol:
+  description: The ZFS volume of the O(zfs_snapshot) backed up.
+  returned: when O(zfs_snapshot) is used
+  type: str
+changed_blocks:
+  description:
+    - How the changed blocks were found, V(zfs_send) (the records of C(zfs send -i), only those read) or
+      V(digest_scan) (the whole device read and compared); null in check mode or when nothing was written.
+  returned: when O(zfs_snapshot) is used
   type: str
 size:
   description: Size in bytes of the disk at the new point.
@@ -249,6 +276,7 @@ def main():
             diff=dict(type="path"),
             ploop_descriptor=dict(type="path"),
             lvm_snapshot=dict(type="str"),
+            zfs_snapshot=dict(type="str"),
             ploop_root=dict(type="path", default="/vz/private"),
             ploop_config=dict(type="path"),
             cleanup_only=dict(type="bool", default=False),
@@ -258,8 +286,8 @@ def main():
             **repository_argument_spec(),
             **run_summary_argument_spec()
         ),
-        mutually_exclusive=[("source", "diff", "ploop_descriptor", "lvm_snapshot")],
-        required_one_of=[("source", "diff", "ploop_descriptor", "lvm_snapshot")],
+        mutually_exclusive=[("source", "diff", "ploop_descriptor", "lvm_snapshot", "zfs_snapshot")],
+        required_one_of=[("source", "diff", "ploop_descriptor", "lvm_snapshot", "zfs_snapshot")],
         supports_check_mode=True,
     )
     needs_nbd = module.params["diff"] or module.params["ploop_descriptor"] or module.params["writer"] == "nbd"
