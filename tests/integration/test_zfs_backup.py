@@ -10,6 +10,8 @@ device node of a snapshot, no clone.
 """
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -119,3 +121,55 @@ def test_full_then_exact_incrementals_from_zfs_send_then_digest_scan_fallback(la
         assert restored["changed"]
         assert sha256(labvm, target) == expected, "point %s (%s)" % (point, appended["changed_blocks"])
         labvm.ssh(["rm", "-f", target])
+
+
+KILL_READER = r"""
+import os, signal, subprocess, sys
+# In the VM: if snapdev of the zvol is visible and a process holds our zvol lock, kill -9 that process.
+if subprocess.run(["zfs", "get", "-H", "-o", "value", "snapdev", sys.argv[1]], capture_output=True,
+                  text=True).stdout.strip() != "visible":
+    sys.exit(0)
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        fds = [os.readlink("/proc/%s/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%s/fd" % pid)]
+    except OSError:
+        continue
+    if any("/snapchain-zvol-" in target for target in fds):
+        os.kill(int(pid), signal.SIGKILL)
+        print("killed")
+"""
+
+
+def test_a_killed_run_leaves_snapdev_visible_and_the_next_run_puts_it_back(labvm, zvol):
+    name, repo = zvol
+    # 256 MiB (sparse) with 64 MiB of data: a full long enough (~40 s under TCG) to be killed during its copy.
+    labvm.sh("zfs set refreservation=none {n} && zfs set volsize=256M {n} && dd if=/dev/urandom of=/dev/zvol/{n} "
+             "bs=1M count=64 seek=64 oflag=direct status=none".format(n=name))
+    snap, expected = take(labvm, name)
+    box = {}
+
+    def run():
+        try:
+            box["result"] = labvm.module("qcow2_chain_append", dict(chain=repo, zfs_snapshot="%s@%s" % (name, snap)),
+                                         expect_failed=True)
+        except BaseException as exc:  # re-raised below, in the test's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = False
+    while thread.is_alive() and not killed:
+        killed = "killed" in labvm.ssh(["python3", "-c", KILL_READER, name], check=False).stdout
+        time.sleep(0.2)
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    assert killed, box
+    assert snapdev(labvm, name) == ("visible", "local")  # what the killed run left
+    again = labvm.module("qcow2_chain_append", dict(chain=repo, zfs_snapshot="%s@%s" % (name, snap)))
+    assert any("snapdev of %s put back to hidden" % name in c for c in again["cleaned_orphans"]), again
+    assert again["full"] and again["changed_blocks"] == "digest_scan"
+    assert_nothing_left(labvm, name)
+    target = "/var/lib/labvm/restore-killed.raw"
+    labvm.module("qcow2_chain_restore", dict(chain=repo, point=again["point"]["name"], file=target))
+    assert sha256(labvm, target) == expected

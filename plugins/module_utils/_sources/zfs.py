@@ -69,19 +69,25 @@ def parse_snapshot(text):
     return _zfs.check_dataset(zvol, "zvol"), _zfs.check_snapshot_name(name, zvol)
 
 
-def snapshot_row(zvol, name):
-    """The ``zfs list`` row of ``zvol@name``, checked: a snapshot of a volume."""
-    full = "%s@%s" % (zvol, name)
+def read_zvol(zvol):
+    """The snapshots of the volume ``zvol`` as {full name: row}, from one ``zfs list -d 1`` (the dataset and
+    its snapshots); NotFoundError without it, InputError when it is no volume."""
     try:
-        rows = _zfs.list_datasets([zvol], fields=("name", "type"), types=["volume", "filesystem"])
+        rows = _zfs.list_datasets([zvol], fields=SNAP_FIELDS, types=["volume", "filesystem", "snapshot"], depth=1)
     except NotFoundError:
         raise NotFoundError("zvol %s not found" % zvol, zvol=zvol)
-    if rows[0]["type"] != "volume":
-        raise InputError("%s is a %s, not a ZFS volume (zvol)" % (zvol, rows[0]["type"]), zvol=zvol)
-    rows = [r for r in _zfs.snapshots(zvol, fields=SNAP_FIELDS) if r["name"] == full]
-    if not rows:
-        raise NotFoundError("ZFS snapshot %s not found" % full, zvol=zvol, snapshot=name)
-    return rows[0]
+    kind = [r["type"] for r in rows if r["name"] == zvol]
+    if kind != ["volume"]:
+        raise InputError("%s is a %s, not a ZFS volume (zvol)" % (zvol, kind[0] if kind else "?"), zvol=zvol)
+    return dict((r["name"], r) for r in rows if r["type"] == "snapshot" and r["name"].startswith(zvol + "@"))
+
+
+def snapshot_row(snaps, zvol, name):
+    """The ``zfs list`` row of ``zvol@name`` among ``read_zvol``'s."""
+    row = snaps.get("%s@%s" % (zvol, name))
+    if row is None:
+        raise NotFoundError("ZFS snapshot %s@%s not found" % (zvol, name), zvol=zvol, snapshot=name)
+    return row
 
 
 def device_path(zvol, name=None):
@@ -164,7 +170,8 @@ class ZvolSnapshotSource(RawSource):
         self.fd = None
         self.zvol, self.name, self.snapshot = zvol, name, name
         self.full_name = "%s@%s" % (zvol, name)
-        self.row = snapshot_row(zvol, name)
+        self.snaps = read_zvol(zvol)
+        self.row = snapshot_row(self.snaps, zvol, name)
         self.size = self.row.get("volsize")
         if not isinstance(self.size, int):
             raise InputError("zfs reports no volsize for %s" % self.full_name, zvol=zvol)
@@ -199,8 +206,8 @@ class ZvolSnapshotSource(RawSource):
             return None
         src = point["source"]
         full = "%s@%s" % (self.zvol, point["snapshot"])
-        rows = [r for r in _zfs.snapshots(self.zvol, fields=SNAP_FIELDS) if r["name"] == full]
-        if not rows or str(rows[0]["guid"]) != str(src.get("guid")) or rows[0]["createtxg"] >= self.row["createtxg"]:
+        row = self.snaps.get(full)
+        if row is None or str(row["guid"]) != str(src.get("guid")) or row["createtxg"] >= self.row["createtxg"]:
             return None
         self.parent_tail = ((point.get("extra") or {}).get("zfs") or {}).get("tail")
         return full
