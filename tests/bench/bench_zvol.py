@@ -83,12 +83,14 @@ def backup(vm, snap):
     return json.loads(vm.ssh(["python3", "-c", RUN, "%s@%s" % (VOL, snap)], timeout=1800).stdout.splitlines()[-1])
 
 
-def change(vm, mib, percent, seed):
-    """Rewrite ``percent`` of the zvol in 64 KiB pieces at scattered (seeded) offsets, in one dd per piece."""
+def change(vm, mib, percent, seed, compressible=False):
+    """Rewrite ``percent`` of the zvol in 64 KiB pieces at scattered (seeded) offsets (with ``compressible``,
+    as ``FILL`` writes them)."""
     pieces = max(1, int(mib * 16 * percent / 100.0))
+    data = "b''.join(os.urandom(2048) + bytes(6144) for _ in range(8))" if compressible else "os.urandom(65536)"
     script = ("import os, random\nrandom.seed(%d)\nfd = os.open('/dev/zvol/%s', os.O_WRONLY)\n"
-              "for b in random.sample(range(%d), %d):\n    os.pwrite(fd, os.urandom(65536), b * 65536)\n"
-              "os.fsync(fd)\n" % (seed, VOL, mib * 16, pieces))
+              "for b in random.sample(range(%d), %d):\n    os.pwrite(fd, %s, b * 65536)\n"
+              "os.fsync(fd)\n" % (seed, VOL, mib * 16, pieces, data))
     vm.ssh(["python3", "-c", script])
     return pieces * 65536
 
@@ -120,11 +122,11 @@ def main():
                   .format(v=VOL, m=args.mib), timeout=1800)
         vm.ssh(["zfs", "snapshot", VOL + "@b1"])
         full = backup(vm, "b1")
-        changed = change(vm, args.mib, args.percent, 1)
+        changed = change(vm, args.mib, args.percent, 1, args.compressible)
         vm.ssh(["zfs", "snapshot", VOL + "@b2"])
         incr = backup(vm, "b2")
         vm.ssh(["zfs", "destroy", VOL + "@b2"])
-        change(vm, args.mib, args.percent, 2)
+        change(vm, args.mib, args.percent, 2, args.compressible)
         vm.ssh(["zfs", "snapshot", VOL + "@b3"])
         scan = backup(vm, "b3")
         print("zvol %d MiB%s, %.1f%% changed (%d bytes in 64 KiB pieces), OpenZFS in the lab VM (TCG)"
