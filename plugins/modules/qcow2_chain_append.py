@@ -45,6 +45,14 @@ description:
     O(snapchain.vmbackup.lvm_snapshot#module:name)); the new snapshot stays as the next run's base, so one
     thin snapshot per LV is kept between runs. If the run fails before publishing, nothing is removed and
     the new snapshot is the caller's to remove, as with a classic one.
+  - With O(zfs_snapshot), a ZFS volume's snapshot (C(POOL/VOLUME@SNAPSHOT), taken by
+    M(snapchain.vmbackup.zfs_snapshot)) is read from its device C(/dev/zvol/POOL/VOLUME@SNAPSHOT). When the
+    zvol's C(snapdev) is not C(visible), it is set for the run and put back as it was (set, or inherited)
+    as soon as the copy ends, on failure too, and by the next run after a killed one. When the last point's
+    snapshot still exists on the zvol, the changed blocks come from the records of C(zfs send -i) of the two
+    snapshots (only those are read from the device, freed ranges become zero clusters); otherwise (a full, or
+    that snapshot destroyed) by digest scan. RV(changed_blocks) says which. The snapshot is left for the
+    caller to destroy; keep the newest one of ours as the next run's base.
   - The layer is checked, fsynced and renamed into place before the manifest records it; any failure
     leaves the repository as it was.
 author:
@@ -78,6 +86,10 @@ options:
       - A classic LVM snapshot to back up, as C(VG/NAME); it must be active and not overflowed.
       - Or a thin LVM snapshot, as C(VG/NAME), activated if needed; see the description for its incrementals
         and the thin snapshots removed after a point is published.
+    type: str
+  zfs_snapshot:
+    description:
+      - A snapshot of a ZFS volume to back up, as C(POOL/VOLUME@SNAPSHOT).
     type: str
   ploop_descriptor:
     description:
@@ -149,6 +161,11 @@ EXAMPLES = r"""
     lvm_snapshot: "vg0/{{ thin_snap.snapshot }}"
   register: backup
 
+- name: Back up a zvol snapshot (incremental from the last point's snapshot through zfs send -i)
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/kvm1/vm3-disk0
+    zfs_snapshot: tank/vm3-disk0@snapchain-20261207T031500Z
+
 - name: Would the next backup be full?
   snapchain.vmbackup.qcow2_chain_append:
     chain: /backup/kvm1/vm1-disk0
@@ -179,7 +196,7 @@ full_reason:
   returned: always
   type: str
 mode:
-  description: V(source), V(diff), V(ploop) or V(lvm).
+  description: V(source), V(diff), V(ploop), V(lvm) or V(zfs).
   returned: always
   type: str
 lv:
@@ -196,11 +213,12 @@ thin_id:
   type: int
 changed_blocks:
   description:
-    - How the changed blocks of a thin O(lvm_snapshot) were found. V(thin_delta) from the pool's metadata
-      (only the changed chunks were read), V(digest_scan) (the fallback, the whole device read), V(full)
-      (no parent, the whole device read), null when nothing was written (the newest point already holds
-      this snapshot).
-  returned: when O(lvm_snapshot) is a thin snapshot
+    - How the changed blocks of a thin O(lvm_snapshot) or of a O(zfs_snapshot) were found. V(thin_delta) from the
+      pool's metadata (only the changed chunks were read), V(zfs_send) from the records of C(zfs send -i) (only
+      those read), V(digest_scan) (the fallback, the whole device read and compared), V(full) (a thin LV without
+      parent, the whole device read), null in check mode or when nothing was written (the newest point already
+      holds this snapshot).
+  returned: when O(lvm_snapshot) is a thin snapshot, or O(zfs_snapshot) is used
   type: str
   sample: thin_delta
 changed_blocks_reason:
@@ -212,6 +230,10 @@ removed_snapshots:
   returned: when O(lvm_snapshot) is a thin snapshot and a point was written
   type: list
   elements: str
+zvol:
+  description: The ZFS volume of the O(zfs_snapshot) backed up.
+  returned: when O(zfs_snapshot) is used
+  type: str
 size:
   description: Size in bytes of the disk at the new point.
   returned: always
@@ -297,6 +319,7 @@ def main():
             diff=dict(type="path"),
             ploop_descriptor=dict(type="path"),
             lvm_snapshot=dict(type="str"),
+            zfs_snapshot=dict(type="str"),
             ploop_root=dict(type="path", default="/vz/private"),
             ploop_config=dict(type="path"),
             cleanup_only=dict(type="bool", default=False),
@@ -306,8 +329,8 @@ def main():
             **repository_argument_spec(),
             **run_summary_argument_spec()
         ),
-        mutually_exclusive=[("source", "diff", "ploop_descriptor", "lvm_snapshot")],
-        required_one_of=[("source", "diff", "ploop_descriptor", "lvm_snapshot")],
+        mutually_exclusive=[("source", "diff", "ploop_descriptor", "lvm_snapshot", "zfs_snapshot")],
+        required_one_of=[("source", "diff", "ploop_descriptor", "lvm_snapshot", "zfs_snapshot")],
         supports_check_mode=True,
     )
     needs_nbd = module.params["diff"] or module.params["ploop_descriptor"] or module.params["writer"] == "nbd"

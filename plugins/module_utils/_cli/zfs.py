@@ -285,3 +285,45 @@ def receive_from(fileobj, target, resumable=True, force=False, mount=False):
 def abort_receive(target):
     """``zfs receive -A TARGET``: discard the state an interrupted ``receive -s`` kept."""
     return ZFS.run("receive abort_partial names", timeout=TIMEOUT, abort_partial=True, names=[target])
+
+
+# --- zvol snapshot devices and incremental streams (the zvol backup source, _sources/zfs.py) ----
+
+# Argument names of this part start with ``zv_``: another part of this file may declare its own.
+ZFS.formats.update({
+    "zv_set": as_fixed("set"), "zv_inherit": as_fixed("inherit"), "zv_send": as_fixed("send"),
+    "zv_word": as_value(), "zv_compressed": as_flag("-c"), "zv_embedded": as_flag("-e"),
+    "zv_incremental": as_opt_val("-i"),
+})
+
+
+def property_with_source(name, prop):
+    """``(value, source)`` of one property of ``name`` (``zfs get -H -p -o value,source``): source is
+    ``local``, ``default``, ``inherited from X``, ``temporary`` or ``received``."""
+    fields = ["value", "source"]
+    rows = _run_report("get scripted fields properties names", fields, "zfs get %s of %s" % (prop, name),
+                       fields=fields, properties=[prop], names=[name])
+    if len(rows) != 1:
+        raise command_error("zfs get %s of %s printed %d rows" % (prop, name, len(rows)), ["zfs", "get", prop, name])
+    return rows[0]["value"], rows[0]["source"]
+
+
+def set_property(name, prop, value):
+    """``zfs set PROP=VALUE NAME``."""
+    if "=" in prop or not prop or prop.startswith("-"):
+        raise InputError("invalid ZFS property name %r" % (prop,))
+    return ZFS.run("zv_set zv_word names", timeout=TIMEOUT, zv_word="%s=%s" % (prop, value), names=[name])
+
+
+def inherit_property(name, prop):
+    """``zfs inherit PROP NAME``: back to the parent's (or the default) value."""
+    if not prop or prop.startswith("-"):
+        raise InputError("invalid ZFS property name %r" % (prop,))
+    return ZFS.run("zv_inherit zv_word names", timeout=TIMEOUT, zv_word=prop, names=[name])
+
+
+def send_incremental_argv(from_snapshot, to_snapshot):
+    """``zfs send -c -e -i FROM TO``: blocks as they are on disk (compressed, embedded), no decompressing
+    for a reader that only wants the records' offsets (``_zfs/send_stream.py``)."""
+    return ZFS.argv("zv_send zv_compressed zv_embedded zv_incremental names", zv_compressed=True, zv_embedded=True,
+                    zv_incremental=from_snapshot, names=[to_snapshot])

@@ -9,11 +9,13 @@ PRIVATE to snapchain.vmbackup: not a public API, may change without notice.
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import json
 import mmap
 import os
 
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, TransferError
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, LockedError, TransferError
 
 
 def fsync_dir(path):
@@ -177,3 +179,17 @@ def write_json_atomic(path, doc, mode=0o600):
         except OSError:
             pass
         raise TransferError("cannot write %s: %s" % (path, exc), path=path)
+
+
+def lock_or_fail(path, message, **details):
+    """An exclusive ``flock`` on ``path`` (created 0600), without waiting: its fd (closing it releases
+    the lock), or LockedError(``message``) when another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise LockedError(message, path=path, **details)
+        raise
+    return fd

@@ -28,6 +28,10 @@ The one backup flow (``_engine/backup.py``) with one of these sources:
 ``diff`` (an ``rbd diff v1`` file, as ``rbd export-diff`` writes it)
     ``_sources/diff_file.py``: its records are replayed into a layer on top of the latest point,
     like ``rbd import-diff``; the diff's from-snap must be the latest point's ``snapshot``.
+
+``zfs_snapshot`` (``pool/vol@snap``, a ZFS volume's snapshot)
+    ``_sources/zfs.py``: its device (snapdev made visible for the run), the changed blocks from
+    ``zfs send -i`` of the last point's snapshot when it still exists, else a digest scan.
 """
 
 from __future__ import annotations
@@ -45,9 +49,10 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.diff_f
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.ploop import PloopSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.lvm import THIN, open_snapshot, parse_lv
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.zfs import ZvolSnapshotSource, parse_snapshot
 
 MAX_PARALLEL = 64
-SOURCES = ("source", "diff", "ploop_descriptor", "lvm_snapshot")
+SOURCES = ("source", "diff", "ploop_descriptor", "lvm_snapshot", "zfs_snapshot")
 
 
 def check_params(params):
@@ -117,6 +122,12 @@ def append_point(params, check_mode=False):
                     result["warnings"].append(
                         "thin pool %s/%s held a metadata snapshot (root %s) left by a killed run: released before "
                         "this run reserved its own" % (vg, src.pool, src.delta_info["stale_metadata_snap"]))
+    elif params.get("zfs_snapshot"):
+        zvol, name = parse_snapshot(params["zfs_snapshot"])
+        with ZvolSnapshotSource(zvol, name) as src:
+            _check_size(src.size, "ZFS snapshot %s" % params["zfs_snapshot"])
+            result = backup(repo, src, extra=dict(mode="zfs"), **run)
+            result.update(mode="zfs", size=src.size, snapshot=name, zvol=zvol, changed_blocks=src.changed_blocks)
     elif params.get("source"):
         with RawSource(params["source"]) as src:
             _check_size(src.size, "source %s" % params["source"])

@@ -27,8 +27,6 @@ another on it and says how it is cleaned (the backup role's next run, or ``state
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import uuid as _uuid
@@ -36,8 +34,8 @@ import uuid as _uuid
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import ploop as _ploop
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
-    ConflictError, InputError, LockedError, NotFoundError, RepositoryError, SnapchainError)
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import write_json_atomic
+    ConflictError, InputError, NotFoundError, RepositoryError, SnapchainError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import lock_or_fail, write_json_atomic
 
 RECORD_FILE = ".snapchain-ploop.json"
 LOCK_FILE = ".snapchain-ploop.lock"
@@ -94,16 +92,8 @@ class Record:
 
     def lock(self):
         path = os.path.join(self.directory, LOCK_FILE)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES):
-                raise LockedError("another run is changing the ploop snapshots of %s (%s is locked)"
-                                  % (self.directory, path), path=path)
-            raise
-        self._lock_fd = fd
+        self._lock_fd = lock_or_fail(path, "another run is changing the ploop snapshots of %s (%s is locked)"
+                                     % (self.directory, path))
 
     def unlock(self):
         if self._lock_fd is not None:
