@@ -29,8 +29,6 @@ image: ``qemu-img convert``, ``rbd import``, or a qcow2 overlay on it for an ins
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 
@@ -38,7 +36,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import zfs
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import (
-    fsync_dir, replace_file, write_json_atomic)
+    fsync_dir, lock_or_fail, replace_file, write_json_atomic)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests as _digests
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.lvm import LvmSnapshotSource, parse_lv
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
@@ -111,16 +109,8 @@ class Mirror:
         self._lock_fd = None
 
     def lock(self):
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ConflictError("another run updates the mirror %s now (it holds %s)" % (self.path, self.lock_path),
-                                    path=self.path)
-            raise
-        self._lock_fd = fd
+        self._lock_fd = lock_or_fail(self.lock_path, "another run updates the mirror %s now (it holds %s)"
+                                     % (self.path, self.lock_path), mirror=self.path)
 
     def unlock(self):
         fd, self._lock_fd = self._lock_fd, None
