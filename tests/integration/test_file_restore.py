@@ -372,3 +372,28 @@ def test_killed_daemon_and_killed_module_are_cleaned_by_absent(tmp_path, chain_w
         assert leftovers(mnt) == [], (delay, leftovers(mnt))
     print("what the killed mounts had made: %s" % sorted(stages))
     assert len(stages) > 1  # the kills hit more than one stage of the mount
+
+
+def test_absent_stops_a_daemon_of_ours_that_was_never_recorded(tmp_path, chain_with_two_points):
+    """A module killed after it started qemu-storage-daemon but before it recorded the pid (seen under load
+    in CI) leaves a daemon that only its command line names as ours.  Made deterministic here: a real
+    qemu-storage-daemon started by hand whose command line names the mount's export (as the data of a
+    secret object: it serves nothing), with no pid recorded anywhere; absent must stop it."""
+    chain, _trees = chain_with_two_points
+    mnt = tmp_path / "mnt"
+    mounted = module_runner.run("point_mount", {"chain": str(chain), "path": str(mnt)})
+    work = tmp_path / ".mnt.snapchain-mount"
+    stray = subprocess.Popen(["qemu-storage-daemon", "--blockdev", "driver=null-co,node-name=stray",
+                              "--object", "secret,id=stray,data=%s" % (work / "export.raw")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        assert stray.poll() is None and "process %d" % stray.pid in leftovers(mnt)
+        gone = module_runner.run("point_mount", {"path": str(mnt), "state": "absent"})
+        assert gone["changed"] and "qemu-storage-daemon pid %d" % stray.pid in " ".join(gone["removed"]), gone
+        assert stray.wait(timeout=30) is not None and not _running(mounted["daemon_pid"])
+        assert leftovers(mnt) == [], leftovers(mnt)
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()

@@ -390,20 +390,34 @@ def _read_pid(pid_file):
         return None
 
 
+def _is_our_daemon(record, pid):
+    """Whether process ``pid`` is a qemu-storage-daemon whose command line names our export."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as fh:
+            words = fh.read().split(b"\0")
+    except OSError:
+        return False
+    return bool(words) and os.path.basename(words[0].decode("utf-8", "replace")) == "qemu-storage-daemon" \
+        and any(record.export.encode() in w for w in words)
+
+
 def _daemon_pid(record):
     """The pid of OUR qemu-storage-daemon (its command line names our export), or None."""
     for pid in (record.doc.get("daemon_pid"), _read_pid(record.pid_file)):
-        if not pid:
-            continue
-        try:
-            with open("/proc/%d/cmdline" % pid, "rb") as fh:
-                words = fh.read().split(b"\0")
-        except OSError:
-            continue
-        if words and os.path.basename(words[0].decode("utf-8", "replace")) == "qemu-storage-daemon" \
-                and any(record.export.encode() in w for w in words):
+        if pid and _is_our_daemon(record, pid):
             return pid
     return None
+
+
+def _daemon_pids(record):
+    """Every qemu-storage-daemon of ours: the recorded one, and any other whose command line names our export
+    (a module killed after it started the daemon but before it recorded its pid leaves one, and the
+    ``--daemonize`` parent that waits for it)."""
+    pids = set([_daemon_pid(record)]) - set([None])
+    for name in _entries("/proc"):
+        if name.isdigit() and int(name) not in pids and _is_our_daemon(record, int(name)):
+            pids.add(int(name))
+    return sorted(pids)
 
 
 def _alive(record):
@@ -483,16 +497,16 @@ def unmount_point(params, check_mode=False):
     under_path = [m for m in table if record.exists() and (m["target"] == path or m["target"].startswith(path + os.sep))]
     ours = under_path + [m for m in table if m not in under_path and from_our_devices(m)]
     ours = [m for m in ours if m["target"] != record.export]
-    pid = _daemon_pid(record)
+    pids = _daemon_pids(record)
     export_mounted = any(m["target"] == record.export for m in table)
     created = [d for d in recorded.get("created_dirs") or [] if os.path.isdir(d)]
     work = record.exists()
-    changed = bool(ours or loops or pid or export_mounted or work)
+    changed = bool(ours or loops or pids or export_mounted or work)
     result = dict(changed=changed, mount_path=path, state="absent", point=recorded.get("point"),
                   chain=recorded.get("chain"))
     if check_mode or not changed:
         result["would_remove" if check_mode else "removed"] = (
-            [m["target"] for m in ours] + sorted(loops) + (["qemu-storage-daemon pid %d" % pid] if pid else [])
+            [m["target"] for m in ours] + sorted(loops) + ["qemu-storage-daemon pid %d" % pid for pid in pids]
             + ([record.work] if work else []))
         return result
     for m in sorted(ours, key=lambda m: m["target"].count("/"), reverse=True):
@@ -505,7 +519,7 @@ def unmount_point(params, check_mode=False):
     for loop in sorted(loops, reverse=True):
         _blockdev.delete_partitions(loop)
         step("loop " + loop, _blockdev.detach, loop)
-    if pid:
+    for pid in pids:
         step("qemu-storage-daemon pid %d" % pid, _stop, pid)
     if any(m["target"] == record.export for m in _blockdev.mounts()):
         try:
