@@ -119,6 +119,12 @@ def test_bad_input_is_refused_before_anything_changes(labvm, seed):
         full.update(args)
         failed = labvm.module("zfs_mirror", full, expect_failed=True)
         assert message in failed["msg"], failed["msg"]
+    labvm.ssh(["ln", "-s", "/etc/hostname", "%s/disk.raw" % mnt])  # a symbolic link at the mirror's name
+    before = sha256(labvm, "/etc/hostname")
+    failed = labvm.module("zfs_mirror", dict(dataset=dataset, file="disk.raw", source="/dev/%s/%s" % (labvm.vg, LV)),
+                          expect_failed=True)
+    assert "is not a regular file" in failed["msg"] and sha256(labvm, "/etc/hostname") == before
+    labvm.ssh(["rm", "%s/disk.raw" % mnt])
     labvm.ssh(["zfs", "set", "mountpoint=none", dataset])
     failed = labvm.module("zfs_mirror", dict(dataset=dataset, file="disk.raw", source="/dev/%s/%s" % (labvm.vg, LV)),
                           expect_failed=True)

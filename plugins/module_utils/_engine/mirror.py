@@ -173,6 +173,9 @@ def update(params, check_mode=False):
     dataset, name, parallel = check_params(params)
     directory = mountpoint(dataset)
     mirror = Mirror(directory, name)
+    if os.path.islink(mirror.path) or (os.path.lexists(mirror.path) and not os.path.isfile(mirror.path)):
+        raise InputError("%s exists and is not a regular file (a symbolic link, a directory...): the mirror is "
+                         "never written through one" % mirror.path, path=mirror.path)
     with open_source(params) as src:
         if src.size <= 0:
             raise InputError("the source is empty: nothing to mirror")
@@ -211,7 +214,8 @@ def _write(mirror, src, base, identity, parallel):
     digester = _digests.Digester(_digests.KEYED_DIGEST, mirror.key())
     write_json_atomic(mirror.state_path, dict(version=STATE_VERSION, dirty=True, size=src.size, source=identity,
                                               block_size=BLOCK_SIZE, digest=_digests.KEYED_DIGEST))
-    fd = os.open(mirror.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    # never through a symbolic link planted at the mirror's name
+    fd = os.open(mirror.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:
         if os.fstat(fd).st_size != src.size:
             os.ftruncate(fd, src.size)
