@@ -132,18 +132,12 @@ class Mirror:
         return doc
 
     def key(self):
-        """The digest secret beside the mirrors (created on first use, 0600)."""
-        try:
-            with open(self.key_path, "rb") as f:
-                st = os.fstat(f.fileno())
-                key = f.read(_digests.KEY_SIZE + 1)
-        except FileNotFoundError:
+        """The digest secret beside the mirrors (created on first use, 0600), checked as a repository's is."""
+        key = _digests.read_key(self.key_path)
+        if key is None:
             replace_file(self.key_path, os.urandom(_digests.KEY_SIZE), 0o600,
                          temp=self.key_path + ".%d.tmp" % os.getpid())  # under the lock: nobody races us
-            return self.key()
-        if st.st_mode & 0o077 or len(key) != _digests.KEY_SIZE:
-            raise RepositoryError("the digest key %s must be %d bytes readable by its owner only"
-                                  % (self.key_path, _digests.KEY_SIZE), path=self.key_path)
+            key = _digests.read_key(self.key_path)
         return key
 
     def known_digests(self, state, size, identity):

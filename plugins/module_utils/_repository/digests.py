@@ -15,6 +15,7 @@ import io
 import itertools
 import operator
 import os
+import stat
 import struct
 import sys
 from array import array
@@ -39,6 +40,38 @@ _RECORD = 8 + DIGEST_SIZE  # u64 little-endian block index + digest
 _BATCH = 65536  # blocks handled at once when a digests file is written, read or merged (1.5 MiB of records)
 KEY_FILE = "digest.key"
 KEY_SIZE = 32
+
+
+def read_key(path):
+    """The digest secret in ``path`` (KEY_SIZE bytes), or None when there is no such file.
+
+    A key file that is not a regular file (a symbolic link is not followed), is readable or
+    writable by group or others, belongs to another user, or has the wrong size is refused:
+    digests keyed by a known key protect nothing.  The key never appears in a message.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise RepositoryError("cannot open the digest key %s: %s (it must be a regular file)"
+                              % (path, exc.strerror), path=path)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RepositoryError("the digest key %s is not a regular file" % path, path=path)
+        if st.st_mode & 0o077:
+            raise RepositoryError("the digest key %s has mode %04o: it must be readable by its owner only "
+                                  "(chmod 600 it)" % (path, stat.S_IMODE(st.st_mode)), path=path)
+        if st.st_uid != os.geteuid():
+            raise RepositoryError("the digest key %s belongs to uid %d, not to this user (uid %d)"
+                                  % (path, st.st_uid, os.geteuid()), path=path)
+        key = os.read(fd, KEY_SIZE + 1)
+    finally:
+        os.close(fd)
+    if len(key) != KEY_SIZE:
+        raise RepositoryError("the digest key %s has %d bytes, not %d" % (path, len(key), KEY_SIZE), path=path)
+    return key
 
 
 def _blake2b_128(data):

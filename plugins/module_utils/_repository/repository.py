@@ -50,6 +50,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files imp
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._qcow2.header import read_header
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository.digests import (
     DEFAULT_BLOCK_SIZE, DIGEST_FUNCTIONS, KEY_FILE, KEY_SIZE, LEGACY_DIGEST, BlockDigests, Digester, default_digest,
+    read_key,
     is_keyed)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, LockedError, NotFoundError, RepositoryError)
@@ -527,32 +528,13 @@ class Repository:
         if self._key is not None:
             return self._key
         path = self.key_path
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
+        key = read_key(path)
+        if key is None:
             if not create:
                 raise RepositoryError("the block digests of %s are keyed but its key file %s is missing (it must be "
                                       "kept with the repository)" % (self.disk_dir, path), path=path)
             self._create_key(path)
-            return self.digest_key()
-        except OSError as exc:
-            raise RepositoryError("cannot open the digest key %s: %s (it must be a regular file)"
-                                  % (path, exc.strerror), path=path)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise RepositoryError("the digest key %s is not a regular file" % path, path=path)
-            if st.st_mode & 0o077:
-                raise RepositoryError("the digest key %s has mode %04o: it must be readable by its owner only "
-                                      "(chmod 600 it)" % (path, stat.S_IMODE(st.st_mode)), path=path)
-            if st.st_uid != os.geteuid():
-                raise RepositoryError("the digest key %s belongs to uid %d, not to this user (uid %d)"
-                                      % (path, st.st_uid, os.geteuid()), path=path)
-            key = os.read(fd, KEY_SIZE + 1)
-        finally:
-            os.close(fd)
-        if len(key) != KEY_SIZE:
-            raise RepositoryError("the digest key %s has %d bytes, not %d" % (path, len(key), KEY_SIZE), path=path)
+            key = read_key(path)
         self._key = key
         return key
 
