@@ -45,10 +45,11 @@ from labvm_fixtures import POOL, SETUP, VG  # noqa: E402  pylint: disable=wrong-
 
 GUEST_DIR = "/root/snapchain-bench"
 LV = "bench-thin"
+LV_CLASSIC = "bench-classic"
 
-# Runs in the VM (python3 -), parameters in the environment; prints one JSON line per timed run.
-GUEST = r'''
-import json, mmap, os, random, subprocess, sys, time
+# What both scripts run in the VM (python3 -) start with; parameters in the environment, one JSON line per timed run.
+GUEST_COMMON = r'''
+import concurrent.futures, hashlib, json, mmap, os, random, subprocess, sys, time
 sys.path.insert(0, os.environ["BENCH_DIR"])
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.append import append_point
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._lvm import snapshots
@@ -57,27 +58,12 @@ VG, POOL, LV = os.environ["BENCH_VG"], os.environ["BENCH_POOL"], os.environ["BEN
 SIZE = int(os.environ["BENCH_LV_MIB"]) << 20
 CHUNK = 64 << 10
 CHANGED = max(1, int(SIZE // CHUNK * float(os.environ["BENCH_PERCENT"]) / 100))
-REPO = os.path.join(os.environ["BENCH_DIR"], "repo")
+REPO = os.path.join(os.environ["BENCH_DIR"], "repo-" + LV)
 DEV = "/dev/%s/%s" % (VG, LV)
 
 
 def sh(*argv):
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
-def snapshot():
-    return snapshots.ensure(dict(vg=VG, lv=LV, state="present", name=None, prefix=None, size=None, chunk_size=None,
-                                 thin_pool_max_percent=99))["snapshot"]
-
-
-def timed_append(kind, snap):
-    sh("sync")  # the changed chunks were written with O_DIRECT, a new snapshot's device has nothing cached
-    started = time.monotonic()
-    out = append_point(dict(chain=REPO, lvm_snapshot="%s/%s" % (VG, snap), parallel=4))
-    took = time.monotonic() - started
-    print(json.dumps(dict(kind=kind, seconds=round(took, 2), copy_seconds=out["seconds"], bytes_read=out["bytes_read"],
-                          bytes_written=out["bytes_written"], zero_bytes=out["zero_bytes"],
-                          changed_blocks=out["changed_blocks"], full=out["full"])), flush=True)
 
 
 def change():
@@ -92,6 +78,25 @@ def change():
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+'''
+
+# The thin LV: thin_delta incrementals beside the full.
+GUEST = GUEST_COMMON + r'''
+def snapshot():
+    return snapshots.ensure(dict(vg=VG, lv=LV, state="present", name=None, prefix=None, size=None, chunk_size=None,
+                                 thin_pool_max_percent=99))["snapshot"]
+
+
+def timed_append(kind, snap):
+    sh("sync")  # the changed chunks were written with O_DIRECT, a new snapshot's device has nothing cached
+    started = time.monotonic()
+    out = append_point(dict(chain=REPO, lvm_snapshot="%s/%s" % (VG, snap), parallel=4))
+    took = time.monotonic() - started
+    print(json.dumps(dict(kind=kind, seconds=round(took, 2), copy_seconds=out["seconds"], bytes_read=out["bytes_read"],
+                          bytes_written=out["bytes_written"], zero_bytes=out["zero_bytes"],
+                          changed_blocks=out["changed_blocks"], full=out["full"])), flush=True)
 
 
 pool = [r for r in json.loads(sh("lvs", "--reportformat", "json", "--units", "b", "--nosuffix", "-o", "lv_name,lv_size",
@@ -113,24 +118,7 @@ timed_append("digest_scan", snapshot())
 '''
 
 # Runs in the VM like GUEST: a classic (linear) LV, digest-scan incrementals beside dd of the snapshot device.
-GUEST_CLASSIC = r'''
-import concurrent.futures, hashlib, json, mmap, os, random, statistics, subprocess, sys, time
-sys.path.insert(0, os.environ["BENCH_DIR"])
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.append import append_point
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._lvm import snapshots
-
-VG, LV = os.environ["BENCH_VG"], os.environ["BENCH_LV"] + "-classic"
-SIZE = int(os.environ["BENCH_LV_MIB"]) << 20
-CHUNK = 64 << 10
-CHANGED = max(1, int(SIZE // CHUNK * float(os.environ["BENCH_PERCENT"]) / 100))
-REPO = os.path.join(os.environ["BENCH_DIR"], "repo-classic")
-DEV = "/dev/%s/%s" % (VG, LV)
-
-
-def sh(*argv):
-    return subprocess.run(argv, check=True, capture_output=True, text=True).stdout
-
-
+GUEST_CLASSIC = GUEST_COMMON + r'''
 def cold():
     sh("sync")
     with open("/proc/sys/vm/drop_caches", "w") as fh:
@@ -140,19 +128,6 @@ def cold():
 def snap(state, name=None):
     return snapshots.ensure(dict(vg=VG, lv=LV, state=state, name=name, prefix=None, size="%dm" % max(64, SIZE // 20 >> 20),
                                  chunk_size=None, thin_pool_max_percent=99))["snapshot"]
-
-
-def change():
-    buf = mmap.mmap(-1, CHUNK)
-    fd = os.open(DEV, os.O_WRONLY | os.O_DIRECT)
-    try:
-        for chunk in random.sample(range(SIZE // CHUNK), CHANGED):
-            buf.seek(0)
-            buf.write(os.urandom(CHUNK))
-            os.pwrite(fd, buf, chunk * CHUNK)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def digest_bound(size, threads):
@@ -212,13 +187,13 @@ def main(argv=None):
         tar = subprocess.run(["tar", "-C", ROOT, "-cf", "-", "plugins"], check=True, capture_output=True).stdout
         subprocess.run(vm.ssh_argv(["tar", "-C", GUEST_DIR + "/ansible_collections/snapchain/vmbackup", "-xf", "-"]),
                        input=tar, check=True, capture_output=True, timeout=120)
-        env = ["BENCH_DIR=" + GUEST_DIR, "BENCH_VG=" + VG, "BENCH_POOL=" + POOL, "BENCH_LV=" + LV,
+        env = ["BENCH_DIR=" + GUEST_DIR, "BENCH_VG=" + VG, "BENCH_POOL=" + POOL,
                "BENCH_LV_MIB=%d" % args.lv_mib, "BENCH_PERCENT=%g" % args.changed_percent,
                "BENCH_REPEAT=%d" % args.repeat]
-        for kind, script in (("thin", GUEST), ("classic", GUEST_CLASSIC)):
+        for kind, script, lv in (("thin", GUEST, LV), ("classic", GUEST_CLASSIC, LV_CLASSIC)):
             if args.kind not in (kind, "both"):
                 continue
-            proc = vm.ssh(["env"] + env + ["python3", "-"], input_=script, timeout=7200, check=False)
+            proc = vm.ssh(["env"] + env + ["BENCH_LV=" + lv, "python3", "-"], input_=script, timeout=7200, check=False)
             got = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
             for run in got:
                 run["script"] = kind
@@ -226,7 +201,7 @@ def main(argv=None):
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
     finally:
-        for lv in (LV, LV + "-classic"):
+        for lv in (LV, LV_CLASSIC):
             vm.ssh(["sh", "-c", "for s in $(lvs --noheadings -o lv_name -S origin={lv} {vg}); do lvremove -q -y {vg}/$s; done; "
                     "lvremove -q -y {vg}/{lv}".format(lv=lv, vg=VG)], check=False)
         vm.ssh(["rm", "-rf", GUEST_DIR], check=False)
