@@ -20,6 +20,18 @@ description:
     first backup, when the source size changed, when the latest point is marked bad or its block digests
     are unusable or not keyed (written by an older version; a guest could craft blocks whose unkeyed
     digests collide, so they are not trusted to decide that a block is unchanged), or with O(force_full).
+  - With O(source_format=qcow2) (or another QEMU image format), O(source) is an image file holding a guest
+    disk, for example C(<mountpoint>/.zfs/snapshot/<snapshot>/disk.qcow2) of a ZFS dataset's snapshot. The
+    point holds the guest's disk (what the guest reads), not the file's bytes; it is read through QEMU
+    (C(qemu-nbd --read-only), which follows the backing chain and reads compressed clusters), digest-scanned
+    like a raw source against the last point, and what QEMU reads as zeroes (unallocated clusters, zero
+    clusters) is not read. The size is the image's virtual size (C(qemu-img info)).
+  - The format is never probed (a guest can write an image header into a raw disk); it is O(source_format),
+    and an image that does not open as that format, an encrypted one, or one whose backing file is missing
+    is refused before anything changes.
+  - Backing files are opened where the image names them, as QEMU does. Keep them in the same snapshot as the
+    image (relative backing names), or the point may not be consistent; a backing file outside the
+    C(.zfs/snapshot/<snapshot>/) directory the image is in is named in a warning.
   - With O(diff), an C(rbd diff v1) file (from C(rbd export-diff)) is replayed into a new layer on top
     of the latest point, like C(rbd import-diff). Its from-snapshot must be the latest point's snapshot;
     a diff without from-snapshot is a full one and starts a new segment.
@@ -78,6 +90,14 @@ options:
         (back up a snapshot, not a live disk).
       - Its size must be a multiple of 512 bytes.
     type: path
+  source_format:
+    description:
+      - The format of O(source). V(raw) reads the file or device as it is. V(qcow2) (or V(qed), V(vdi),
+        V(vhdx), V(vmdk), V(vpc)) reads the guest disk the image holds, through QEMU.
+      - Never probed; no encrypted images.
+    type: str
+    choices: [raw, qcow2, qed, vdi, vhdx, vmdk, vpc]
+    default: raw
   diff:
     description: An C(rbd diff v1) file to replay onto the latest point.
     type: path
@@ -144,6 +164,13 @@ EXAMPLES = r"""
     snapshot_name: vm1-disk0-snap
     parallel: 8
   register: backup
+
+- name: Back up a qcow2 guest disk from a snapshot of its ZFS dataset (backing chain in the same snapshot)
+  snapchain.vmbackup.qcow2_chain_append:
+    chain: /backup/kvm1/vm4-disk0
+    source: /tank/images/.zfs/snapshot/snapchain-20261207T031500Z/vm4-disk0.qcow2
+    source_format: qcow2
+    snapshot_name: snapchain-20261207T031500Z
 
 - name: Replay an incremental rbd export-diff file into the chain
   snapchain.vmbackup.qcow2_chain_append:
@@ -246,6 +273,16 @@ from_snapshot:
   description: The diff's from-snapshot; null for a full diff.
   returned: when O(diff) is used
   type: str
+source_format:
+  description: The O(source_format) the source was read as.
+  returned: when O(source) is used
+  type: str
+  sample: qcow2
+backing_files:
+  description: The backing files QEMU read below the O(source) image, top first (empty without backing file).
+  returned: when O(source) is used with a O(source_format) other than V(raw)
+  type: list
+  elements: str
 descriptor:
   description: The real path of the ploop disk's descriptor.
   returned: when O(ploop_descriptor) is used
@@ -316,6 +353,7 @@ def main():
         argument_spec=dict(
             chain=dict(type="path", required=True),
             source=dict(type="path"),
+            source_format=dict(type="str", default="raw", choices=["raw", "qcow2", "qed", "vdi", "vhdx", "vmdk", "vpc"]),
             diff=dict(type="path"),
             ploop_descriptor=dict(type="path"),
             lvm_snapshot=dict(type="str"),
@@ -333,7 +371,8 @@ def main():
         required_one_of=[("source", "diff", "ploop_descriptor", "lvm_snapshot", "zfs_snapshot")],
         supports_check_mode=True,
     )
-    needs_nbd = module.params["diff"] or module.params["ploop_descriptor"] or module.params["writer"] == "nbd"
+    needs_nbd = (module.params["diff"] or module.params["ploop_descriptor"] or module.params["writer"] == "nbd"
+                 or module.params["source_format"] != "raw")
     if needs_nbd and not module.check_mode and not _nbd.HAS_NBD:
         module.fail_json(msg=missing_required_lib("nbd (python3-libnbd)"), exception=_nbd.NBD_IMPORT_ERROR)
     result = run_module(module, lambda: append_point(module.params, check_mode=module.check_mode))

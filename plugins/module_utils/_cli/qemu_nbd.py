@@ -307,6 +307,19 @@ class QemuNbd:
             pass
 
 
+def serve_read_only(exit_stack, path, fmt, parallel, cache="none"):
+    """An ``NbdPool`` of ``parallel`` connections reading the image ``path`` (a file name, or a ``json:``
+    spec) read-only through QEMU's ``fmt`` driver (None: the spec names its drivers), backing chain
+    included; the server and the pool are closed with ``exit_stack``.
+
+    ``--read-only`` takes only QEMU's shared read locks (never a write lock), so it opens a snapshot
+    copy that other readers may hold too; it refuses an image a running guest holds open for writing.
+    """
+    server = exit_stack.enter_context(QemuNbd(path, fmt=fmt, cache=cache, read_only=True, shared=parallel,
+                                              detect_zeroes="off"))
+    return exit_stack.enter_context(server.pool(connections=parallel))
+
+
 class NbdPool:
     """N libnbd connections to one export, for parallel I/O from worker threads."""
 

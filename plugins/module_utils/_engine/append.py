@@ -25,6 +25,11 @@ The one backup flow (``_engine/backup.py``) with one of these sources:
     last point, the older snapshot folded away after publish.  ``cleanup_only`` makes no backup:
     it cleans what a killed run left and folds snapshots the newest point does not need.
 
+``source`` with ``source_format`` qcow2 (or another QEMU image format)
+    ``_sources/image.py``: the guest disk the image file holds (backing chain, compressed clusters),
+    read through ``qemu-nbd --read-only``, digest-scanned like a raw source; what QEMU reads as
+    zeroes (unallocated, zero clusters) is not read.
+
 ``diff`` (an ``rbd diff v1`` file, as ``rbd export-diff`` writes it)
     ``_sources/diff_file.py``: its records are replayed into a layer on top of the latest point,
     like ``rbd import-diff``; the diff's from-snap must be the latest point's ``snapshot``.
@@ -46,6 +51,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_img i
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._ceph.rbd_diff import scan
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.backup import backup, tidy
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.diff_file import DiffFileSource
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.image import SOURCE_FORMATS, ImageFileSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.ploop import PloopSource
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.lvm import THIN, open_snapshot, parse_lv
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
@@ -61,6 +67,11 @@ def check_params(params):
         raise InputError("chain (the disk's repository directory) is required")
     if sum(bool(params.get(key)) for key in SOURCES) != 1:
         raise InputError("exactly one of %s is required" % ", ".join(SOURCES))
+    source_format = params.get("source_format") or "raw"
+    if source_format not in SOURCE_FORMATS:
+        raise InputError("source_format must be one of %s, not %r" % (", ".join(SOURCE_FORMATS), source_format))
+    if source_format != "raw" and not params.get("source"):
+        raise InputError("source_format %s applies to source (an image file)" % source_format)
     if params.get("cleanup_only") and not params.get("ploop_descriptor"):
         raise InputError("cleanup_only applies to ploop_descriptor (the ploop disk's snapshots)")
     parallel = params.get("parallel")
@@ -81,6 +92,7 @@ def check_params(params):
     run_info, run_keep = check_run_options(params)
     check_progress_file(params.get("progress_file"), params.get("source"), params.get("diff"))
     return dict(parallel=parallel, cache=cache, writer=writer, run_info=run_info, run_keep=run_keep,
+                source_format=source_format,
                 dir_mode=parse_mode(params.get("dir_mode") or "0700", "dir_mode"),
                 file_mode=parse_mode(params.get("file_mode") or "0600", "file_mode"))
 
@@ -128,12 +140,21 @@ def append_point(params, check_mode=False):
             _check_size(src.size, "ZFS snapshot %s" % params["zfs_snapshot"])
             result = backup(repo, src, extra=dict(mode="zfs"), **run)
             result.update(mode="zfs", size=src.size, snapshot=name, zvol=zvol, changed_blocks=src.changed_blocks)
+    elif params.get("source") and opts["source_format"] != "raw":
+        with ImageFileSource(params["source"], opts["source_format"], parallel=opts["parallel"],
+                             check_mode=check_mode) as src:
+            _check_size(src.size, "source %s" % params["source"])
+            src.snapshot = params.get("snapshot_name")
+            result = backup(repo, src, extra=dict(mode="source", source_format=src.fmt), **run)
+            result.update(mode="source", size=src.size, snapshot=src.snapshot, source_format=src.fmt,
+                          backing_files=src.backing)
+            result["warnings"].extend(src.warnings)
     elif params.get("source"):
         with RawSource(params["source"]) as src:
             _check_size(src.size, "source %s" % params["source"])
             src.snapshot = params.get("snapshot_name")
             result = backup(repo, src, extra=dict(mode="source"), **run)
-            result.update(mode="source", size=src.size, snapshot=src.snapshot)
+            result.update(mode="source", size=src.size, snapshot=src.snapshot, source_format="raw")
     else:
         with DiffFileSource.open(params["diff"], params.get("snapshot_name")) as src:
             _check_size(src.size, "the image of diff %s" % params["diff"])

@@ -77,6 +77,13 @@ def generic_base_problem(repo, latest, force_full):
     return None
 
 
+def size_change(point, size):
+    """Why a source read whole cannot be compared block by block with ``point`` (its size changed), or None."""
+    if point["size"] != size:
+        return "the source size changed from %d to %d bytes" % (point["size"], size)
+    return None
+
+
 class Source:
     kind = None
     exact_extents = True  # False: changed extents unknown, the copy compares block digests

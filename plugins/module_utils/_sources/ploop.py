@@ -36,7 +36,7 @@ import uuid as _uuid
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import ploop as _ploop
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import QemuNbd
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import serve_read_only
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import InputError, NotFoundError, TransferError
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, Extent, merge
@@ -236,9 +236,7 @@ class PloopSource(Source):
 def serve_stack(exit_stack, files, parallel):
     """An NbdPool reading the ploop images ``files`` (base first) as one disk, read-only, through QEMU's
     ``parallels`` driver (qemu-nbd of a ``json:`` stack); both are closed with ``exit_stack``."""
-    server = exit_stack.enter_context(QemuNbd(_ploop.stack_spec(files), fmt=None, cache="none", read_only=True,
-                                              shared=parallel, detect_zeroes="off"))
-    return exit_stack.enter_context(server.pool(connections=parallel))
+    return serve_read_only(exit_stack, _ploop.stack_spec(files), None, parallel)
 
 
 class FrozenStack:

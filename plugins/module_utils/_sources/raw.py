@@ -19,7 +19,7 @@ import stat
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     InputError, NotFoundError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import hole_extents
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.base import Source, size_change
 
 
 class RawSource(Source):
@@ -57,9 +57,7 @@ class RawSource(Source):
         return dict(type=self.kind, path=os.path.abspath(self.path))
 
     def base_problem(self, point):
-        if point["size"] != self.size:
-            return "the source size changed from %d to %d bytes" % (point["size"], self.size)
-        return None
+        return size_change(point, self.size)
 
     def read(self, offset, length):
         parts = []
