@@ -19,7 +19,7 @@ Layers, one concern per function:
   (``qemu-img info -U``), applied by ``probe_disks``;
 - selection of domains (pure): ``filter_names``, ``compile_query``,
   ``filter_query``, ``select``;
-- the two modules' work: ``disks_info`` and ``save_inactive_xml``.
+- the modules' work: ``disks_info``, ``save_inactive_xml`` and ``definitions`` (host_config_backup).
 
 The domain XML is read WITHOUT ``VIR_DOMAIN_XML_SECURE``: that flag adds
 security-sensitive data (graphics passwords and the like) that has no place in
@@ -874,6 +874,32 @@ def disks_info(params):
         skipped += more
     skipped.sort(key=lambda s: s["name"])
     return dict(changed=False, domains=described, skipped=skipped, unmatched=unmatched)
+
+
+def definitions(uri=DEFAULT_URI):
+    """Every domain's definitions, for a backup of the host's own configuration (host_config_backup).
+
+    One dict per domain, sorted by name: ``name``, ``uuid``, ``inactive`` (the persistent
+    definition, None for a transient domain) and ``live`` (the running definition, None when shut
+    off), both without secure data (see the top of this file).  A domain undefined while being
+    listed is left out.
+    """
+    out = []
+    with connect(uri or DEFAULT_URI, readonly=True) as conn:
+        for dom in list_domains(conn):
+            try:
+                persistent, active = bool(dom.isPersistent()), bool(dom.isActive())
+                out.append(dict(name=dom.name(), uuid=dom.UUIDString(),
+                                inactive=inactive_xml(dom) if persistent else None,
+                                live=live_xml(dom) if active else None))
+            except libvirt.libvirtError as exc:
+                if _error_code(exc) != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise LibvirtError("cannot read domain %s: %s" % (dom.name(), _error_text(exc)),
+                                       code=_error_code(exc))
+            except LibvirtError as exc:
+                if exc.details.get("code") != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+    return out
 
 
 # --------------------------------------------------------------------------------------------
