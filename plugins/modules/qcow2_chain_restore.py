@@ -29,6 +29,13 @@ description:
     and a backup running at the same time only adds a new layer. A restore is never blocked by a long backup.
   - Every check (the point, bad marks, the destination's existence, size, use, free space) happens before anything
     is written.
+  - "Or a point of a C(zfs_mirror) mirror (O(mirror)): the raw file C(<mountpoint>/.zfs/snapshot/<snapshot>/<file>)
+    of one of OUR snapshots of the dataset (named C(<prefix><UTC time>); other snapshots are ignored), chosen by
+    O(point) (the snapshot's name or its stamp), V(latest) or O(before) as a chain's points are. It is refused unless
+    the snapshot holds the mirror's state file saying it was clean (not half updated). The file is read with its
+    holes skipped (C(SEEK_DATA)/C(SEEK_HOLE)) into the same destinations. The snapshot is held
+    (C(zfs hold snapchain-restore.<pid>.<start>)) for the whole restore, so that a prune cannot destroy it, and
+    released on every path; a hold left by a killed restore is released by the next one (a warning says so)."
 author:
   - snapchain developers (@snapchain)
 extends_documentation_fragment:
@@ -42,12 +49,31 @@ attributes:
     description: A restore has no meaningful before/after text.
 options:
   chain:
-    description: The repository directory of the disk (the one holding C(manifest.json)).
+    description:
+      - The repository directory of the disk (the one holding C(manifest.json)).
+      - Exactly one of O(chain) and O(mirror) is required.
     type: path
-    required: true
+  mirror:
+    description:
+      - Restore a point of a C(zfs_mirror) mirror instead of a chain's (see the description).
+    type: dict
+    suboptions:
+      dataset:
+        description: The mirror's ZFS filesystem (C(pool/fs)), mounted.
+        type: str
+        required: true
+      file:
+        description: The mirror file's name in the dataset (as given to C(zfs_mirror)).
+        type: str
+        required: true
+      prefix:
+        description: The prefix of our snapshot names (as given to C(zfs_mirror)).
+        type: str
+        default: snapchain-
   point:
     description:
-      - The point to restore, by name (a UTC stamp such as V(20261122T031500Z)), or V(latest).
+      - The point to restore, by name (a UTC stamp such as V(20261122T031500Z); of a O(mirror), the snapshot's name
+        V(snapchain-20261122T031500Z) or its stamp), or V(latest).
       - Omitted (and without O(before)), the latest point is restored.
       - V(latest) and O(before) skip points that are marked bad or read through a point marked bad (RV(skipped_points)
         says which); a bad point named here is refused unless O(allow_bad).
@@ -60,7 +86,9 @@ options:
         YAML.
     type: str
   allow_bad:
-    description: Allow restoring a point marked bad by verification (or one reading through such a point).
+    description:
+      - Allow restoring a point marked bad by verification (or one reading through such a point).
+      - Not with O(mirror) (its points have no such mark).
     type: bool
     default: false
   rbd:
@@ -186,6 +214,15 @@ EXAMPLES = r"""
     format: qcow2
     force: true
 
+- name: Restore the newest point of a zfs_mirror mirror into a new RBD image
+  snapchain.vmbackup.qcow2_chain_restore:
+    mirror:
+      dataset: backup/mirror
+      file: vm1-disk0.raw
+    rbd:
+      pool: rbd
+      image: vm1-disk0-restored
+
 - name: Restore onto an unmounted logical volume
   snapchain.vmbackup.qcow2_chain_restore:
     chain: /backup/ceph/rbd/vm1-disk0
@@ -226,8 +263,14 @@ point_time:
   type: str
   sample: "2026-11-22T03:15:00Z"
 point_info:
-  description: The manifest entry of the point (name, created, snapshot, size, segment, parent, bad).
+  description:
+    - The manifest entry of the point (name, created, snapshot, size, segment, parent, bad).
+    - With O(mirror), the snapshot's C(name), C(full_name), C(createtxg), C(creation), C(guid), C(used), C(referenced).
   returned: always
+  type: dict
+mirror:
+  description: With O(mirror), C(dataset), C(file), C(snapshot) (its full name) and C(path) (the file read).
+  returned: with O(mirror)
   type: dict
 before:
   description: O(before) as understood, in UTC; null without it.
@@ -239,11 +282,11 @@ skipped_points:
   type: list
   elements: str
 chain_depth:
-  description: How many layers the point reads through (1 for a full backup).
+  description: How many layers the point reads through (1 for a full backup); null with O(mirror).
   returned: always
   type: int
 chain:
-  description: The repository directory.
+  description: The repository directory; null with O(mirror).
   returned: always
   type: str
 size:
@@ -313,7 +356,8 @@ rbd_cache:
 reader:
   description:
     - How the point was read, V(qcow2) (its layer files read directly) or V(qemu-nbd) (the fallback, see
-      RV(reader_fallback)). Not returned for a qcow2 file, which C(qemu-img convert) writes.
+      RV(reader_fallback)), or V(raw) (a O(mirror) point). Not returned for a qcow2 file, which C(qemu-img convert)
+      writes.
   returned: success, not in check mode, except for a qcow2 file
   type: str
   sample: qcow2
@@ -345,7 +389,12 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore
 def main():
     module = AnsibleModule(
         argument_spec=ceph_argument_spec(
-            chain=dict(type="path", required=True),
+            chain=dict(type="path"),
+            mirror=dict(type="dict", options=dict(
+                dataset=dict(type="str", required=True),
+                file=dict(type="str", required=True),
+                prefix=dict(type="str", default="snapchain-"),
+            )),
             point=dict(type="str"),
             before=dict(type="str"),
             allow_bad=dict(type="bool", default=False),
@@ -364,8 +413,8 @@ def main():
             dead_client_wait=dict(type="int", default=45),
             progress_file=dict(type="path"),
         ),
-        mutually_exclusive=[("rbd", "file", "device"), ("point", "before")],
-        required_one_of=[("rbd", "file", "device")],
+        mutually_exclusive=[("rbd", "file", "device"), ("point", "before"), ("chain", "mirror")],
+        required_one_of=[("rbd", "file", "device"), ("chain", "mirror")],
         supports_check_mode=True,
     )
     result = run_module(module, lambda: restore(module.params, check_mode=module.check_mode))

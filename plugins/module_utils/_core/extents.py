@@ -107,6 +107,21 @@ def zero_blocks(extents, blocks, block_size, size):
     return out
 
 
+def fill(extents, size, kind=DATA):
+    """``extents`` (sorted, not overlapping, inside [0, size)) with every gap between them in [0, size)
+    as an extent of ``kind``: the whole disk, in order (the holes of a sparse file and its data)."""
+    out = []
+    pos = 0
+    for ext in extents:
+        if ext.offset > pos:
+            out.append(Extent(pos, ext.offset - pos, kind))
+        out.append(ext)
+        pos = ext.end
+    if pos < size:
+        out.append(Extent(pos, size - pos, kind))
+    return out
+
+
 def hole_extents(fd, offset, length):
     """ZERO extents of the holes of a (sparse) file in [offset, offset+length) via SEEK_DATA/SEEK_HOLE."""
     end = offset + length

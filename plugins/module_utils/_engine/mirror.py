@@ -23,18 +23,27 @@ What the seed does with ``rsync --inplace --no-whole-file``, done safely:
   like every managed snapshot of ours, and pruned by keep-N or a keep-* policy of ours only.
 - One run per mirror: ``.<file>.lock`` (flock) is held from the first read to the snapshot.
 
-A point reads back with plain tools from ``<mountpoint>/.zfs/snapshot/<snapshot>/<file>`` (a raw
-image: ``qemu-img convert``, ``rbd import``, or a qcow2 overlay on it for an instant boot).
+A point is the raw file ``<mountpoint>/.zfs/snapshot/<snapshot>/<file>``.  qcow2_chain_restore (and the
+restore role) restore it with ``mirror: {dataset, file}`` through ``held_point``: the point chosen among OUR
+snapshots of the dataset (managed names; anyone else's are ignored) as a chain's points are
+(``_engine.restore.select_point``: latest, by name, ``before`` a time), checked to be a mirror that was clean
+when the snapshot was taken (its state file in the snapshot), and held (``zfs hold snapchain-restore.<pid>.<start>``)
+for the whole restore so that a prune cannot destroy it mid-way; the hold is released on every path, and
+one a killed restore left (its process gone) is released by the next restore of the dataset.  Plain
+tools work as well: ``qemu-img convert``, ``rbd import``, or a qcow2 overlay on it for an instant boot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import zfs as _zfs
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
-    ConflictError, InputError, RepositoryError)
+    CommandError, ConflictError, InputError, NotFoundError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import (
     fsync_dir, lock_or_fail, replace_file, write_json_atomic)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests as _digests
@@ -233,3 +242,152 @@ def _write(mirror, src, base, identity, parallel):
     write_json_atomic(mirror.state_path, dict(version=STATE_VERSION, dirty=False, size=src.size, source=identity,
                                               block_size=BLOCK_SIZE, digest=_digests.KEYED_DIGEST))
     return stats
+
+
+# --- reading a point back (qcow2_chain_restore mirror=) ------------------------------------------
+
+RESTORE_TAG = "snapchain-restore"  # + ".<pid>.<start time>": the hold a restore keeps while it reads a point
+_RESTORE_TAG_RE = re.compile(r"^%s\.(\d+)\.(\d+)$" % re.escape(RESTORE_TAG))
+
+
+def check_source(spec):
+    """``mirror: {dataset, file, prefix}`` of qcow2_chain_restore: (dataset, file name, prefix), or InputError."""
+    if not isinstance(spec, dict):
+        raise InputError("mirror must be a dict like {dataset: pool/fs, file: disk.raw}, not %r" % (spec,))
+    dataset = _zfs.check_dataset(spec.get("dataset"), what="mirror.dataset")
+    name = check_file_name(spec.get("file"))
+    return dataset, name, _snapshots.check_prefix(spec.get("prefix"))
+
+
+def restore_tag(pid=None):
+    """Our hold tag for a restore by process ``pid`` (default this one): its pid and start time, so that a
+    later run can tell that the process is gone (a pid alone may be reused)."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd import _start_time
+    pid = os.getpid() if pid is None else pid
+    return "%s.%d.%d" % (RESTORE_TAG, pid, _start_time(pid) or 0)
+
+
+def stale_restore_holds(snaps):
+    """[(tag, full snapshot name)] of the restore holds of ours whose process is gone (a killed restore)."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd import _start_time
+    out = []
+    for snap in snaps:
+        for tag in snap["holds"]:
+            m = _RESTORE_TAG_RE.match(tag)
+            if m and _start_time(int(m.group(1))) != int(m.group(2)):
+                out.append((tag, snap["full_name"]))
+    return out
+
+
+class MirrorPoint:
+    """A point of a mirror as _engine.restore._restore takes it (see restore.ChainPoint): the raw file
+    in the chosen snapshot, read by restore.RawReader."""
+
+    fmt = "raw"
+
+    def __init__(self, dataset, directory, name, snap, size, skipped, before):
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import iso
+        self.snapshot = snap["full_name"]
+        self.path = os.path.join(directory, ".zfs", "snapshot", snap["name"], name)
+        self.point = dict(name=snap["name"], size=size)
+        when = _naming.parse_managed(snap["name"], snap["prefix"])
+        self.result = dict(chain=None, chain_depth=None, mirror=dict(dataset=dataset, file=name, snapshot=self.snapshot,
+                                                                     path=self.path),
+                           point=snap["name"], point_time=iso(when), size=size, skipped_points=skipped,
+                           point_info=dict((k, snap.get(k)) for k in ("name", "full_name", "createtxg", "creation",
+                                                                      "guid", "used", "referenced")),
+                           before=iso(before) if before else None)
+        self.warnings = []
+
+    def reader(self, parallel, result):
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import RawReader
+        result.update(reader=RawReader.name, reader_fallback=None)
+        return _measured(RawReader(self.path, self.point["size"]))
+
+
+@contextlib.contextmanager
+def _measured(reader):
+    with reader:
+        reader.measure()
+        yield reader
+
+
+def _point_size(directory, name, snap):
+    """The size of the mirror file in ``snap``, after checking that the snapshot holds a mirror that was
+    clean (not half updated) when it was taken: its state file says so, for the file's size."""
+    root = os.path.join(directory, ".zfs", "snapshot", snap["name"])
+    inside = Mirror(root, name)
+    where = "%s (%s)" % (snap["full_name"], inside.path)
+    try:
+        state = inside.state()
+    except RepositoryError as exc:
+        raise RepositoryError("%s is not a usable mirror point: %s" % (where, exc.msg), snapshot=snap["full_name"])
+    if state is None or not os.path.lexists(inside.path):
+        raise NotFoundError("%s holds no mirror %s made by zfs_mirror (%s): is the dataset a mirror, and is file the "
+                            "mirror's name?" % (snap["full_name"], name, "no file" if not os.path.lexists(inside.path)
+                                                else "no state file %s" % os.path.basename(inside.state_path)),
+                            snapshot=snap["full_name"])
+    if os.path.islink(inside.path) or not os.path.isfile(inside.path):
+        raise InputError("%s is not a regular file: a mirror point is never read through one" % where,
+                         snapshot=snap["full_name"])
+    size = os.path.getsize(inside.path)
+    if state.get("dirty") or state.get("size") != size:
+        raise RepositoryError("%s was taken while the mirror was being updated (its state says %s, %s bytes; the file "
+                              "is %d bytes): not a point zfs_mirror made; choose another"
+                              % (where, "dirty" if state.get("dirty") else "clean", state.get("size"), size),
+                              snapshot=snap["full_name"])
+    return size
+
+
+@contextlib.contextmanager
+def held_point(spec, point, before, check_mode, warnings, destination=None):
+    """The chosen point of the mirror ``spec`` as a MirrorPoint, held by our restore tag until the block ends.
+
+    Point choice: OUR snapshots of the dataset only (managed names with ``prefix``, oldest first by
+    createtxg), as _engine.restore.select_point chooses a chain's (``point`` may be the snapshot's name or
+    its bare stamp).  ``destination``: a file restore's path, refused inside the dataset's mount point.
+    Restore holds of ours whose process is gone are released first (not in check mode: then listed)."""
+    from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine.restore import _inside, select_point
+    dataset, name, prefix = check_source(spec)
+    directory = mountpoint(dataset)
+    if destination and _inside(destination, directory):
+        raise InputError("file %s is inside the mirror's dataset %s (mounted at %s): restore it somewhere else (it "
+                         "would be in the next point)" % (destination, dataset, directory))
+    _datasets, snaps = _snapshots.read(dataset, False, prefix, RESTORE_TAG)
+    for tag, full in stale_restore_holds(snaps):
+        if check_mode:
+            warnings.append("%s has the hold %s of a restore that is gone; a real run releases it" % (full, tag))
+            continue
+        _zfs.release(tag, [full])
+        warnings.append("released the hold %s on %s, left by a restore that was killed" % (tag, full))
+    ours = [dict(s, prefix=prefix) for s in snaps if s["managed"] and s["dataset"] == dataset]
+    if not ours:
+        raise NotFoundError("dataset %s has no snapshot named %s<UTC time>, so no point of a zfs_mirror mirror%s"
+                            % (dataset, prefix, " (its snapshots, not ours, are ignored: %s)"
+                               % ", ".join(s["name"] for s in snaps[-10:]) if snaps else ""),
+                            dataset=dataset, available_points=[])
+    names = set(s["name"] for s in ours)
+    if point not in (None, "", "latest") and point not in names and prefix + point in names:
+        point = prefix + point  # the bare stamp of a snapshot name
+    chosen, skipped = select_point(ours, point, before, time_of=lambda s: _naming.parse_managed(s["name"], prefix))
+    tag = None
+    if not check_mode:
+        tag = restore_tag()
+        try:
+            _zfs.hold(tag, [chosen["full_name"]])
+        except CommandError as exc:
+            raise ConflictError("cannot hold %s for the restore (destroyed meanwhile?): %s"
+                                % (chosen["full_name"], exc.msg), snapshot=chosen["full_name"])
+    try:
+        size = _point_size(directory, name, chosen)
+        yield MirrorPoint(dataset, directory, name, chosen, size, skipped, before)
+    except BaseException:
+        if tag is not None:
+            try:
+                _zfs.release(tag, [chosen["full_name"]])
+            except CommandError as exc:
+                warnings.append("could not release the hold %s on %s: %s (the next restore of %s releases it)"
+                                % (tag, chosen["full_name"], exc.msg, dataset))
+        raise
+    if tag is not None:
+        _zfs.release(tag, [chosen["full_name"]])

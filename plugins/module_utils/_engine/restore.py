@@ -55,7 +55,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import na
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, InputError, NotFoundError, RepositoryError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import all_zero, parse_mode
-from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, total
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.extents import DATA, ZERO, Extent, fill, total
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.progress import Progress  # noqa: F401 (re-exported)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.device import BlockDevice
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._transfer.engine import DEFAULT_CHUNK, Window, copy_extents
@@ -142,11 +142,12 @@ def _bad_in_chain(point, by_name):
     return unsound_point(by_name, point["name"])
 
 
-def select_point(points, point=None, before=None, allow_bad=False):
+def select_point(points, point=None, before=None, allow_bad=False, time_of=point_time):
     """(the point to restore, [skipped points as 'name (reason)']).
 
     ``point``: a name, or None / ``latest``.  ``before``: an aware datetime; the newest
-    point at or before it.  A point that is marked bad, or reads through a layer of a
+    point at or before it, each point dated by ``time_of(point)`` (its name; a mirror's snapshot
+    names carry their prefix).  A point that is marked bad, or reads through a layer of a
     point marked bad (and is not recorded as reading around its corrupt data), is refused
     by name and skipped by ``latest``/``before``, unless ``allow_bad``.
     """
@@ -175,7 +176,7 @@ def select_point(points, point=None, before=None, allow_bad=False):
         return chosen, []
     candidates = points
     if before is not None:
-        candidates = [p for p in points if point_time(p) is not None and point_time(p) <= before]
+        candidates = [p for p in points if time_of(p) is not None and time_of(p) <= before]
         if not candidates:
             raise NotFoundError("no point at or before %s: the oldest is %s; %s"
                                 % (iso(before), points[0]["name"], available),
@@ -297,6 +298,16 @@ def check_params(params):
         raise InputError("say where to restore: give exactly one destination, rbd (an RBD image), file (a raw or "
                          "qcow2 file) or device (a block device); got %s" % (" and ".join(kinds) if kinds else "none"))
     kind = kinds[0]
+    if params.get("chain") and params.get("mirror"):  # neither: the module's required_one_of says so
+        raise InputError("say what to restore from: give exactly one of chain (a disk's repository directory) and "
+                         "mirror ({dataset: pool/fs, file: disk.raw}, a zfs_mirror mirror whose ZFS snapshots are the "
+                         "points), not both")
+    if params.get("mirror"):
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import mirror as _mirror
+        _mirror.check_source(params["mirror"])
+        if params.get("allow_bad"):
+            raise InputError("allow_bad applies to a chain's points (marked bad by chain_verify); a mirror's points "
+                             "have no such mark: drop allow_bad")
     if params.get("point") not in (None, "", "latest") and params.get("before"):
         raise InputError("give either point or before, not both: point names one point, before picks the latest "
                          "point at or before a time")
@@ -388,27 +399,57 @@ def read_lock(chain_dir, check_mode, warnings):
 def restore(params, check_mode=False):
     kind = check_params(params)
     warnings = []
-    with read_lock(params["chain"], check_mode, warnings):
-        result = _restore(params, kind, check_mode)
+    before = parse_time(params["before"]) if params.get("before") else None
+    if params.get("mirror"):
+        # a point of a zfs_mirror mirror: the raw file in one of its ZFS snapshots, held for the restore
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._engine import mirror as _mirror
+        with _mirror.held_point(params["mirror"], params.get("point"), before, check_mode, warnings,
+                                destination=params.get("file")) as found:
+            result = _restore(params, kind, check_mode, found)
+    else:
+        with read_lock(params["chain"], check_mode, warnings):
+            result = _restore(params, kind, check_mode, _chain_point(params, before))
     if warnings:
         result.setdefault("warnings", []).extend(warnings)
     return result
 
 
-def _restore(params, kind, check_mode):
-    before = parse_time(params["before"]) if params.get("before") else None
+class ChainPoint:
+    """What _restore needs of the point to restore: ``point`` (``name``, ``size``), ``path`` (the file a
+    target that converts reads), ``fmt`` (its format), ``result`` (what the result says of the source),
+    ``warnings``, and ``reader(parallel, result)`` (the context manager of the measured reader).  This one:
+    a point of a chain, its top layer (qcow2)."""
+
+    fmt = "qcow2"
+
+    def __init__(self, repo, point, chain, skipped, before):
+        self.point = point
+        self.path = repo.path(point["layer"])
+        self.result = dict(chain=repo.disk_dir, point=point["name"], point_time=iso(point_time(point)),
+                           point_info=dict((k, point.get(k)) for k in POINT_INFO_KEYS),
+                           chain_depth=len(chain), size=point["size"], skipped_points=skipped,
+                           before=iso(before) if before else None)
+        self.warnings = []
+        if skipped:
+            self.warnings.append("skipped newer point(s) that are marked bad or read through a bad point: %s"
+                                 % "; ".join(skipped))
+
+    def reader(self, parallel, result):
+        return _open_reader(self.path, self.point["size"], parallel, result)
+
+
+def _chain_point(params, before):
     repo, point, chain, skipped = load_chain(params["chain"], params.get("point"), before,
                                              params.get("allow_bad", False))
-    result = dict(changed=True, chain=repo.disk_dir, point=point["name"], point_time=iso(point_time(point)),
-                  point_info=dict((k, point.get(k)) for k in POINT_INFO_KEYS),
-                  chain_depth=len(chain), size=point["size"], skipped_points=skipped,
-                  before=iso(before) if before else None, safety_snapshot=None, warnings=[])
-    if skipped:
-        result["warnings"].append("skipped newer point(s) that are marked bad or read through a bad point: %s"
-                                  % "; ".join(skipped))
-    layer = repo.path(point["layer"])
+    return ChainPoint(repo, point, chain, skipped, before)
+
+
+def _restore(params, kind, check_mode, found):
+    point = found.point
+    result = dict(found.result, changed=True, safety_snapshot=None, warnings=list(found.warnings))
     parallel = params.get("parallel") or DEFAULT_PARALLEL
     with make_target(params, kind) as target:
+        target.source_format = found.fmt
         try:
             target.check(point)
             result["destination"] = target.describe()
@@ -416,8 +457,8 @@ def _restore(params, kind, check_mode):
                 result["would"] = target.would(point)
                 return result
             with Progress(params.get("progress_file"), destination=target.label, point=point["name"],
-                          chain=repo.disk_dir) as progress:
-                run_target(target, layer, point, parallel, progress, result)
+                          chain=result.get("chain") or result.get("mirror")) as progress:
+                run_target(target, found.path, point, parallel, progress, result, reader=found.reader)
         finally:
             result["warnings"].extend(target.warnings)
             if not result["warnings"]:
@@ -491,6 +532,44 @@ class _PointReader:
         except TransferError:
             if exc_type is None:
                 raise
+
+
+class RawReader:
+    """A raw image read with preads (_sources.raw.RawSource): a mirror's point, the file in a ZFS snapshot.
+    Its holes (SEEK_DATA/SEEK_HOLE) are ZERO extents, never read; the rest goes through the copy engine
+    as the qemu-nbd fallback's extents do (all-zero data becomes zero there too)."""
+
+    name = "raw"
+
+    def __init__(self, path, size):
+        from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
+        self.source = RawSource(path)
+        self.size = size
+        self._extents = None
+        self.data_bytes = self.zero_bytes = None
+
+    def __enter__(self):
+        if self.source.size != self.size:
+            self.close()
+            path = self.source.path
+            raise RepositoryError("%s is %d bytes but the point is %d bytes" % (path, self.source.size, self.size),
+                                  path=path)
+        return self
+
+    def measure(self):
+        """Map the image: its holes and the data between them; sets ``data_bytes`` and ``zero_bytes``."""
+        self._extents = plan(fill(self.source.zero_extents(0, self.size), self.size, DATA))
+        self.data_bytes, self.zero_bytes = total(self._extents, DATA), total(self._extents, ZERO)
+
+    def copy(self, sink, parallel, progress):
+        stats = copy(self.source, self._extents, sink, parallel, progress)
+        return stats.bytes_read, stats.extents
+
+    def close(self):
+        self.source.close()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
 
 
 class _MapReader:
@@ -633,20 +712,24 @@ def _finish_stats(result, started):
     result["mb_per_s"] = round((basis or 0) / 1e6 / seconds, 1) if seconds > 0 else None
 
 
-def run_target(target, layer, point, parallel, progress, result):
+def run_target(target, layer, point, parallel, progress, result, reader=None):
     """open -> copy -> commit (``target`` already checked); abort on any error, then re-raised.
 
-    The copy: the point read by _open_reader (mapped, so that anything it cannot read shows before a
-    byte is written) into the target's sink, or the target's own ``convert`` (a qcow2 file)."""
+    The copy: the point read by ``reader(parallel, result)`` (default _open_reader of the chain whose top
+    layer is ``layer``: mapped, so that anything it cannot read shows before a byte is written) into the
+    target's sink, or the target's own ``convert`` of ``layer`` (a qcow2 file)."""
+    if reader is None:
+        def reader(parallel, result):
+            return _open_reader(layer, point["size"], parallel, result)
     started = time.monotonic()
     progress.set_phase("preparing")
     try:
         sink = target.open(point, layer)
         if target.reads_point:
             progress.set_phase("mapping")
-            with _open_reader(layer, point["size"], parallel, result) as reader:
-                target.check_space(reader.data_bytes)
-                _transfer(reader, sink, parallel, progress, result, target.zero_needed)
+            with reader(parallel, result) as opened:
+                target.check_space(opened.data_bytes)
+                _transfer(opened, sink, parallel, progress, result, target.zero_needed)
         else:
             target.convert(layer, point, parallel, progress, result)
         progress.set_phase(target.commit_phase)

@@ -50,6 +50,7 @@ class Target:
     reads_point = True   # the flow reads the point into open()'s sink; False: convert() copies it
     zero_needed = False  # zero ranges must be written (the destination holds old data there)
     commit_phase = "syncing"  # the progress phase while commit() runs
+    source_format = "qcow2"  # of the file open()/convert() get: a chain's layer, or raw (a mirror's point)
 
     def __init__(self):
         self.warnings = []

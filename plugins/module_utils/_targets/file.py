@@ -194,7 +194,7 @@ class Qcow2File(FileTarget):
 
     def open(self, point, layer):
         from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
-        measured = _qemu_img.measure(src=layer, src_fmt="qcow2", out_fmt="qcow2", force_share=False)
+        measured = _qemu_img.measure(src=layer, src_fmt=self.source_format, out_fmt="qcow2", force_share=False)
         self.needed = int(measured.get("required") or 0)
         self.check_space(self.needed)
         self.open_temp()
@@ -203,7 +203,7 @@ class Qcow2File(FileTarget):
         from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
         from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli.qemu_nbd import usable_cache_mode
         cache = usable_cache_mode("none", os.path.dirname(self.temp) or ".")
-        argv = _qemu_img.convert_argv(layer, self.temp, src_fmt="qcow2", dst_fmt="qcow2", out_of_order=True,
+        argv = _qemu_img.convert_argv(layer, self.temp, src_fmt=self.source_format, dst_fmt="qcow2", out_of_order=True,
                                       coroutines=min(parallel, 16), cache=cache, progress=True)
         self.run_convert(argv, point, progress)
         _qemu_img.check(self.temp)

@@ -71,7 +71,7 @@ class PloopImage(Qcow2File):
 
     def convert(self, layer, point, parallel, progress, result):
         from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import qemu_img as _qemu_img
-        argv = _qemu_img.convert_argv(layer, self.temp, src_fmt="qcow2", dst_fmt="parallels", out_of_order=True,
+        argv = _qemu_img.convert_argv(layer, self.temp, src_fmt=self.source_format, dst_fmt="parallels", out_of_order=True,
                                       coroutines=min(parallel, 16), target_is_zero=True, skip_create=True,
                                       progress=True)
         self.run_convert(argv, point, progress)
