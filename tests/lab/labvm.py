@@ -59,7 +59,9 @@ HEADERS_META = "linux-headers-amd64"
 # In the guest's root file system (mmdebstrap --include).
 INCLUDE = ("lvm2", "thin-provisioning-tools", "zfsutils-linux", "python3", "qemu-utils",
            "qemu-guest-agent", "openssh-server", "kmod", "udev", "systemd-sysv", "dbus", "iproute2",
-           "procps", "e2fsprogs", "util-linux", "coreutils")
+           "procps", "e2fsprogs", "util-linux", "coreutils",
+           # vm_backup's LVM/zvol disks (test_vm_backup_lvm_zvol): a TCG domain in the guest, its libvirtd
+           "libvirt-daemon-system", "qemu-system-x86", "python3-libvirt")
 # Not copied into the guest: big driver trees nothing here loads.
 DROP_MODULE_TREES = ("kernel/drivers/gpu", "kernel/sound", "kernel/drivers/media",
                      "kernel/drivers/net/wireless", "kernel/drivers/infiniband", "kernel/drivers/staging",
@@ -72,7 +74,10 @@ MASKED = ("systemd-networkd-wait-online.service", "systemd-udev-settle.service",
           "zfs-zed.service", "zfs-volume-wait.service", "zfs-load-key.service", "apt-daily.timer",
           "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer", "getty@tty1.service",
           "serial-getty@ttyS0.service", "systemd-timesyncd.service", "lvm2-monitor.service",
-          "dmesg.service")
+          "dmesg.service", "libvirt-guests.service")
+# Started on first use through their sockets (libvirtd.socket, virtlogd.socket), not at boot: only the vm_backup
+# test talks to libvirt, and libvirtd's start costs every boot ~9 s under TCG.
+SOCKET_ONLY = ("libvirtd.service",)
 ROOT_SIZE = "4G"
 GUEST_ADDR = "10.0.2.15/24"
 GUEST_GW = "10.0.2.2"
@@ -189,7 +194,7 @@ def build_inputs():
     for obj in (_build_into, _rootfs, _configure, _kernel_modules, _initramfs, build):
         code.update(inspect.getsource(obj).encode())
     for const in (INIT, NET_UNIT, SSHD_CONF, CMDLINE, INCLUDE, DROP_MODULE_TREES, INITRD_MODULES, MASKED,
-                  ROOT_SIZE, SUITE):
+                  SOCKET_ONLY, ROOT_SIZE, SUITE):
         code.update(repr(const).encode() + b"\0")
     return dict(kernel=kver, kernel_package_version=kpkg_version, zfs_dkms=_installed_version("zfs-dkms"),
                 busybox=_installed_version("busybox-static"), guest_packages=_candidates(INCLUDE),
@@ -294,6 +299,8 @@ def _configure(root):
     wants.mkdir(parents=True, exist_ok=True)
     (wants / "labvm-net.service").unlink(missing_ok=True)
     (wants / "labvm-net.service").symlink_to("/etc/systemd/system/labvm-net.service")
+    for unit in SOCKET_ONLY:
+        (wants / unit).unlink(missing_ok=True)
     for unit in MASKED:
         link = units / unit
         if link.is_symlink() or link.exists():
