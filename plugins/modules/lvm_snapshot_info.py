@@ -30,6 +30,16 @@ options:
     description: Prefix of managed snapshot names (sets C(managed) in RV(snapshots)).
     type: str
     default: snapchain-
+  include:
+    description: Shell globs (case-sensitive) an LV name must match, any one of them, to be listed in RV(volumes).
+    type: list
+    elements: str
+    default: ['*']
+  exclude:
+    description: Shell globs of LV names left out of RV(volumes) even when they match an O(include) glob.
+    type: list
+    elements: str
+    default: []
 """
 
 EXAMPLES = r"""
@@ -138,6 +148,13 @@ thin_pools:
     chunk_size:
       description: Pool chunk size in bytes.
       type: int
+volumes:
+  description:
+    - Names of the LVs of O(vg) that can be snapshotted and backed up (no snapshot, thin pool, hidden or metadata
+      LV), sorted, those matching O(include) and not O(exclude). What the lvm_backup role discovers.
+  returned: always
+  type: list
+  elements: str
 overflowed:
   description: Names of the overflowed classic snapshots listed.
   returned: always
@@ -157,6 +174,8 @@ def main():
             vg=dict(type="str", required=True),
             lv=dict(type="str"),
             prefix=dict(type="str", default="snapchain-"),
+            include=dict(type="list", elements="str", default=["*"]),
+            exclude=dict(type="list", elements="str", default=[]),
         ),
         supports_check_mode=True,
     )

@@ -56,6 +56,13 @@ type:
   description: The dataset's type, V(filesystem) or V(volume).
   returned: always
   type: str
+mountpoint:
+  description:
+    - The directory O(dataset) is mounted on when it is a mounted filesystem (its snapshots' files are under
+      C(<mountpoint>/.zfs/snapshot/<name>/)); null for a volume, or a filesystem that is not mounted or whose
+      mountpoint is V(none) or V(legacy).
+  returned: always
+  type: str
 datasets:
   description: The datasets read (O(dataset), and its descendants with O(recursive)).
   returned: always

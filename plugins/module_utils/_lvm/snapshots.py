@@ -27,6 +27,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._cli import lvm
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     CommandError, ConflictError, InputError, NotFoundError)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.globs import check_globs, select
 
 FIELDS = ("vg_name", "lv_name", "lv_path", "lv_dm_path", "lv_attr", "lv_size", "origin", "pool_lv", "segtype",
           "data_percent", "metadata_percent", "chunk_size", "thin_id", "lv_time", "lv_uuid")
@@ -36,6 +37,8 @@ DEFAULT_THIN_POOL_MAX_PERCENT = 90.0
 _NAME_RE = re.compile(r"^[A-Za-z0-9+_.][A-Za-z0-9+_.-]{0,126}$")
 _RESERVED_PARTS = ("_cdata", "_cmeta", "_corig", "_mlog", "_mimage", "_pmspare", "_rimage", "_rmeta", "_tdata",
                    "_tmeta", "_vorigin", "_vdata")
+# The kinds of LV that lvm takes a snapshot of (and a backup reads): not pools, metadata or snapshots.
+VOLUME_SEGTYPES = ("linear", "striped", "thin", "raid1", "mirror", "cache", "writecache", "vdo")
 _SIZE_RE = re.compile(r"^(\d+(?:\.\d+)?)([bBsSkKmMgGtTpPeE]?)$")
 _EXTENTS_RE = re.compile(r"^(\d{1,3})%ORIGIN$")
 _CHUNK_RE = re.compile(r"^(\d+)([kK]?)$")
@@ -148,7 +151,7 @@ def _origin_row(rows, vg, lv):
         raise NotFoundError("logical volume %s/%s not found" % (vg, lv), vg=vg, lv=lv)
     if snapshot_type(row) == "classic":
         raise InputError("%s/%s is itself a classic snapshot: lvm takes no snapshot of it" % (vg, lv))
-    if row.get("segtype") not in ("linear", "striped", "thin", "raid1", "mirror", "cache", "writecache", "vdo"):
+    if row.get("segtype") not in VOLUME_SEGTYPES:
         raise InputError("%s/%s is a %s LV, not a volume to snapshot" % (vg, lv, row.get("segtype")))
     return row
 
@@ -283,6 +286,8 @@ def info(params):
     vg = check_name(params["vg"], "vg")
     lv = check_name(params["lv"], "lv") if params.get("lv") else None
     prefix = check_prefix(params.get("prefix"))
+    include = check_globs("include", params.get("include") or ["*"], "LV names", "/")
+    exclude = check_globs("exclude", params.get("exclude") or [], "LV names", "/")
     rows = vg_rows(vg)
     origin = None
     if lv is not None:
@@ -294,4 +299,13 @@ def info(params):
              for r in sorted(rows.values(), key=lambda r: r["lv_name"]) if r.get("segtype") == "thin-pool"]
     snaps = snapshots_of(rows, lv, prefix)
     return dict(changed=False, vg=vg, lv=lv, origin=origin, snapshots=snaps, thin_pools=pools,
-                overflowed=[s["name"] for s in snaps if s["overflowed"]])
+                overflowed=[s["name"] for s in snaps if s["overflowed"]],
+                volumes=volumes_of(rows, include, exclude))
+
+
+def volumes_of(rows, include, exclude):
+    """The names of the VG's volumes that can be snapshotted and backed up (no snapshot, pool or hidden LV),
+    sorted, those matching an ``include`` glob and no ``exclude`` glob."""
+    names = sorted(name for name, row in rows.items()
+                   if not snapshot_type(row) and row.get("segtype") in VOLUME_SEGTYPES and not name.startswith("["))
+    return select(names, include, exclude)[0]

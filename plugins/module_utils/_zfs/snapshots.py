@@ -268,5 +268,14 @@ def info(params):
     tag = _zfs.check_tag(params.get("hold_tag") or DEFAULT_TAG)
     datasets, snaps = read(dataset, bool(params.get("recursive")), prefix, tag)
     return dict(changed=False, dataset=dataset, type=datasets.get(dataset), datasets=sorted(datasets),
+                mountpoint=mounted_at(dataset) if datasets.get(dataset) == "filesystem" else None,
                 snapshots=snaps, managed=[s["full_name"] for s in snaps if s["managed"]],
                 held=[s["full_name"] for s in snaps if s["held"]])
+
+
+def mounted_at(dataset):
+    """The directory the filesystem ``dataset`` is mounted on (``zfs get -H -p mounted,mountpoint``), or None when
+    it is not mounted or has no path of its own (V(none), V(legacy))."""
+    props = _zfs.get([dataset], ["mounted", "mountpoint"]).get(dataset) or {}
+    where = props.get("mountpoint") or ""
+    return where if props.get("mounted") == "yes" and where.startswith("/") else None

@@ -197,6 +197,16 @@ def test_info(recorded):
     out = snaps.info(dict(vg="unitvg", lv=None, prefix="snapchain-"))
     assert out["overflowed"] == [OVERFLOWED] and [p["name"] for p in out["thin_pools"]] == ["pool"]
     assert sorted(s["name"] for s in out["snapshots"]) == sorted([OVERFLOWED, "lin1-ok", "thin1-snap"])
+    assert out["volumes"] == ["lin1", "thin1"]  # no snapshot, no pool
+
+
+def test_info_volumes_include_exclude(recorded):
+    recorded.answer("lvs-snapshots")
+    out = snaps.info(dict(vg="unitvg", lv=None, prefix="snapchain-", include=["*1"], exclude=["thin*"]))
+    assert out["volumes"] == ["lin1"]
+    with pytest.raises(InputError, match="LV names"):  # before lvs runs
+        snaps.info(dict(vg="unitvg", lv=None, prefix="snapchain-", include=["unitvg/lin1"]))
+    assert len(recorded.calls) == 1
 
 
 def test_lvm_source_checks_the_snapshot_before_reading(recorded):

@@ -200,3 +200,14 @@ def test_policy_validation():
                     (dict(state="absent", name="x", protected=["y"]), "protected applies")):
         with pytest.raises(InputError, match=msg):
             snaps.validate(params(**kw))
+
+
+@pytest.mark.parametrize("mounted,where,expected", [("yes", "/srv/fs", "/srv/fs"), ("no", "/srv/fs", None),
+                                                    ("yes", "legacy", None), ("no", "none", None)])
+def test_mounted_at(recorded, mounted, where, expected):
+    # zfs get -H -p output as zfs-get.json records it (name, property, value, source; tab-separated)
+    recorded.answers.append(dict(rc=0, stderr="", stdout="labzpool/fs\tmounted\t%s\t-\nlabzpool/fs\tmountpoint\t%s\tlocal\n"
+                                 % (mounted, where)))
+    assert snaps.mounted_at("labzpool/fs") == expected
+    assert recorded.argv == [Z, "get", "-H", "-p", "-o", "name,property,value,source", "mounted,mountpoint",
+                             "labzpool/fs"]
