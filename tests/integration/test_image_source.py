@@ -117,6 +117,22 @@ def backup(chain, source, expect_failed=False, check_mode=False, **args):
                              expect_failed=expect_failed, check_mode=check_mode)
 
 
+
+def make_encrypted(path, attempts=10):
+    """A LUKS-encrypted qcow2 by qemu-img.  QEMU times its PBKDF2 iteration count on the thread's CPU clock and
+    gives up ("Unable to get accurate CPU usage") when a first round measures 0 ms, which happens on a host with
+    a coarse thread clock; a new attempt measures again (nothing of ours is involved)."""
+    for _ in range(attempts):
+        proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=not-a-real-secret",
+                               "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.hash-alg=sha512", str(path),
+                               str(MiB)], capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            return
+        assert "Unable to get accurate CPU usage" in proc.stderr, proc.stderr
+        if os.path.exists(path):
+            os.unlink(path)
+    raise AssertionError("qemu-img could not create an encrypted image in %d attempts" % attempts)
+
 def test_qcow2_chain_full_then_incrementals_restore_the_guest_view(tmp_path, module_tmp):
     live = tmp_path / "images"
     live.mkdir()
@@ -201,8 +217,7 @@ def test_bad_images_refused_before_anything_changes(tmp_path, module_tmp):
     assert "gone.qcow2" in failed["msg"]
 
     encrypted = tmp_path / "encrypted.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=not-a-real-secret",
-                    "-o", "encrypt.format=luks,encrypt.key-secret=s0", str(encrypted), str(MiB)], check=True)
+    make_encrypted(encrypted)
     failed = backup(chain, encrypted, source_format="qcow2", expect_failed=True)
     assert failed["msg"].startswith("source %s is encrypted" % encrypted)
 

@@ -81,7 +81,8 @@ def role(labvm, check=False, **extra):
 
 
 def task_result(results, name):
-    found = [r for r in results if r["_task"] == name]
+    """The one result of the task ``name`` (without the ``<role> : `` the callback puts before a role's tasks)."""
+    found = [r for r in results if r["_task"].split(" : ", 1)[-1] == name]
     assert len(found) == 1, [r["_task"] for r in results]
     return found[0]
 

@@ -60,6 +60,8 @@ HEADERS_META = "linux-headers-amd64"
 INCLUDE = ("lvm2", "thin-provisioning-tools", "zfsutils-linux", "python3", "qemu-utils",
            "qemu-guest-agent", "openssh-server", "kmod", "udev", "systemd-sysv", "dbus", "iproute2",
            "procps", "e2fsprogs", "util-linux", "coreutils",
+           # image files (qcow2...) in a ZFS dataset are read through qemu-nbd with libnbd (test_zfs_backup_role)
+           "python3-libnbd",
            # vm_backup's LVM/zvol disks (test_vm_backup_lvm_zvol): a TCG domain in the guest, its libvirtd
            "libvirt-daemon-system", "qemu-system-x86", "python3-libvirt")
 # Not copied into the guest: big driver trees nothing here loads.
