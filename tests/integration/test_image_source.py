@@ -117,12 +117,11 @@ def backup(chain, source, expect_failed=False, check_mode=False, **args):
                              expect_failed=expect_failed, check_mode=check_mode)
 
 
-
 def make_encrypted(path, attempts=10):
     """A LUKS-encrypted qcow2 by qemu-img.  QEMU times its PBKDF2 iteration count on the thread's CPU clock and
     gives up ("Unable to get accurate CPU usage") when a first round measures 0 ms, which happens on a host with
     a coarse thread clock; a new attempt measures again (nothing of ours is involved)."""
-    for _ in range(attempts):
+    for _attempt in range(attempts):
         proc = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object", "secret,id=s0,data=not-a-real-secret",
                                "-o", "encrypt.format=luks,encrypt.key-secret=s0,encrypt.hash-alg=sha512", str(path),
                                str(MiB)], capture_output=True, text=True, check=False)
@@ -132,6 +131,7 @@ def make_encrypted(path, attempts=10):
         if os.path.exists(path):
             os.unlink(path)
     raise AssertionError("qemu-img could not create an encrypted image in %d attempts" % attempts)
+
 
 def test_qcow2_chain_full_then_incrementals_restore_the_guest_view(tmp_path, module_tmp):
     live = tmp_path / "images"
