@@ -46,6 +46,7 @@ from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors im
     CommandError, ConflictError, InputError, NotFoundError, RepositoryError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.files import (
     fsync_dir, lock_or_fail, replace_file, write_json_atomic)
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.process import start_time
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._repository import digests as _digests
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.lvm import LvmSnapshotSource, parse_lv
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._sources.raw import RawSource
@@ -262,19 +263,17 @@ def check_source(spec):
 def restore_tag(pid=None):
     """Our hold tag for a restore by process ``pid`` (default this one): its pid and start time, so that a
     later run can tell that the process is gone (a pid alone may be reused)."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd import _start_time
     pid = os.getpid() if pid is None else pid
-    return "%s.%d.%d" % (RESTORE_TAG, pid, _start_time(pid) or 0)
+    return "%s.%d.%d" % (RESTORE_TAG, pid, start_time(pid) or 0)
 
 
 def stale_restore_holds(snaps):
     """[(tag, full snapshot name)] of the restore holds of ours whose process is gone (a killed restore)."""
-    from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.rbd import _start_time
     out = []
     for snap in snaps:
         for tag in snap["holds"]:
             m = _RESTORE_TAG_RE.match(tag)
-            if m and _start_time(int(m.group(1))) != int(m.group(2)):
+            if m and start_time(int(m.group(1))) != int(m.group(2)):
                 out.append((tag, snap["full_name"]))
     return out
 

@@ -40,6 +40,7 @@ import socket
 import time
 
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core import naming as _naming
+from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.process import start_time
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._core.errors import (
     ConflictError, NotFoundError, SnapchainError, TransferError)
 from ansible_collections.snapchain.vmbackup.plugins.module_utils._targets.base import SinkCounters, Target
@@ -175,20 +176,10 @@ def _boot_id():
         return None
 
 
-def _start_time(pid):
-    """The start time of process ``pid`` (clock ticks since boot), or None when there is no such process."""
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    return int(text[text.rindex(")") + 2:].split()[19])
-
-
 def owner_record(cluster):
     """What a restore stores on the image it writes, so that a later run can tell it is dead."""
     pid = os.getpid()
-    return dict(host=socket.gethostname(), boot_id=_boot_id(), pid=pid, start=_start_time(pid),
+    return dict(host=socket.gethostname(), boot_id=_boot_id(), pid=pid, start=start_time(pid),
                 client=cluster.get_instance_id())
 
 
@@ -201,7 +192,7 @@ def owner_is_dead(owner):
         pid, start = int(owner["pid"]), owner.get("start")
     except (KeyError, TypeError, ValueError):
         return False
-    now = _start_time(pid)
+    now = start_time(pid)
     return now is None or (start is not None and now != start)
 
 
